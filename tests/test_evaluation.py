@@ -1,0 +1,160 @@
+"""COCO evaluation: metrics against known figures, both backends, bad input, results conversion."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+
+import pytest
+import torch
+
+from pipeline.evaluation import (METRIC_KEYS, evaluate_coco, gather_across_workers, to_coco_results,
+                                 write_results_json)
+
+REFERENCE = {"AP": 0.626, "AP50": 0.817, "AP75": 0.698, "APs": 0.461, "APm": 0.691, "APl": 0.797}
+
+
+def _gt() -> dict:
+    """3 images, 2 categories (COCO ids 3 and 7), one small, one medium and one large box each."""
+    images = [{"id": i, "width": 640, "height": 480, "file_name": f"{i}.jpg"} for i in (10, 11, 12)]
+    anns, aid = [], 1
+    for img in (10, 11, 12):
+        for cat, (x, y, w, h) in ((3, (10, 10, 20, 20)), (7, (100, 100, 60, 60)), (3, (200, 150, 200, 150))):
+            anns.append({"id": aid, "image_id": img, "category_id": cat, "bbox": [x, y, w, h],
+                         "area": w * h, "iscrowd": 0})
+            aid += 1
+    cats = [{"id": 3, "name": "car"}, {"id": 7, "name": "train"}]
+    return {"images": images, "annotations": anns, "categories": cats}
+
+
+def _perfect(gt: dict) -> list[dict]:
+    return [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": list(a["bbox"]),
+             "score": 0.9} for a in gt["annotations"]]
+
+
+@pytest.mark.coco
+@pytest.mark.parametrize("backend", ["pycocotools", "faster"])
+def test_reproduces_reference_detections(shared_data, backend):
+    root = shared_data / "coco_testdev_sample"
+    m = evaluate_coco(root / "annotations/instances_val2017.json",
+                      root / "reference_results/mask_rcnn_r50_fpn_1x_val_bbox.json", backend=backend)
+    assert {k: round(m[k], 3) for k in METRIC_KEYS} == REFERENCE
+    assert len(m["per_category"]) == 20 and all(0 <= v <= 1 for v in m["per_category"].values())
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster"])
+def test_perfect_detections_score_one_and_empty_scores_zero(backend, tmp_path):
+    gt = _gt()
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(gt))
+    m = evaluate_coco(path, _perfect(gt), backend=backend)
+    assert all(m[k] == pytest.approx(1.0) for k in METRIC_KEYS)
+    assert m["per_category"] == {"car": pytest.approx(1.0), "train": pytest.approx(1.0)}
+    empty = evaluate_coco(gt, [], backend=backend)
+    assert all(empty[k] == 0.0 for k in METRIC_KEYS)
+    assert empty["per_category"] == {"car": 0.0, "train": 0.0}
+
+
+def test_wrong_category_halves_ap_and_input_is_not_mutated():
+    gt = _gt()
+    dets = _perfect(gt)
+    for d in dets:  # "train" boxes relabelled "car" at a lower score: train AP 0, car AP stays 1
+        if d["category_id"] == 7:
+            d["category_id"], d["score"] = 3, 0.5
+    before = json.dumps(dets)
+    m = evaluate_coco(gt, dets)
+    assert m["per_category"]["train"] == 0.0
+    assert m["per_category"]["car"] == pytest.approx(1.0)
+    assert m["AP"] == pytest.approx(0.5)
+    assert json.dumps(dets) == before, "the COCO API must not add keys to the caller's dicts"
+
+
+def test_backends_agree_on_noisy_detections():
+    gt = _gt()
+    g = torch.Generator().manual_seed(0)
+    dets = []
+    for a in gt["annotations"]:
+        for _ in range(3):
+            jitter = (torch.rand(4, generator=g) - 0.5) * torch.tensor(a["bbox"]) * 0.4
+            dets.append({"image_id": a["image_id"], "category_id": a["category_id"],
+                         "bbox": (torch.tensor(a["bbox"], dtype=torch.float) + jitter).tolist(),
+                         "score": float(torch.rand(1, generator=g))})
+    a = evaluate_coco(gt, dets, backend="pycocotools")
+    b = evaluate_coco(gt, dets, backend="faster")
+    for k in METRIC_KEYS:
+        assert a[k] == pytest.approx(b[k], abs=1e-9)
+    assert 0.0 < a["AP"] < 1.0
+
+
+def test_bad_inputs_name_the_problem(tmp_path):
+    gt = _gt()
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        evaluate_coco(tmp_path / "nope.json", [])
+    broken = tmp_path / "broken.json"
+    broken.write_text("[{")
+    with pytest.raises(ValueError, match="broken.json is not valid JSON"):
+        evaluate_coco(gt, broken)
+    dets = _perfect(gt)
+    with pytest.raises(ValueError, match=r"image id\(s\).*: 999"):
+        evaluate_coco(gt, dets + [dict(dets[0], image_id=999)])
+    with pytest.raises(ValueError, match=r"category id\(s\).*: 5"):
+        evaluate_coco(gt, dets + [dict(dets[0], category_id=5)])
+    with pytest.raises(ValueError, match="lacks score"):
+        evaluate_coco(gt, [{k: v for k, v in dets[0].items() if k != "score"}])
+    with pytest.raises(ValueError, match="non-finite"):
+        evaluate_coco(gt, [dict(dets[0], score=float("nan"))])
+    with pytest.raises(ValueError, match="unknown backend"):
+        evaluate_coco(gt, dets, backend="detectron")
+    info = {k: v for k, v in gt.items() if k != "annotations"}
+    with pytest.raises(ValueError, match="no 'annotations'"):
+        evaluate_coco(info, dets)
+
+
+def test_to_coco_results_converts_boxes_labels_and_drops_degenerate(tmp_path):
+    outputs = [{"image_id": 12,
+                "boxes": torch.tensor([[10.0, 20.0, 40.0, 80.0], [5.0, 5.0, 5.0, 9.0]]),
+                "scores": torch.tensor([0.8, 0.7]), "labels": torch.tensor([2, 1])}]
+    res = to_coco_results(outputs, category_map=[3, 7])  # label 1 -> COCO 3, label 2 -> COCO 7
+    assert res == [{"image_id": 12, "category_id": 7, "bbox": [10.0, 20.0, 30.0, 60.0],
+                    "score": pytest.approx(0.8)}]
+    targets = [{"image_id": 11}]
+    assert to_coco_results(outputs, targets, {1: 3, 2: 7})[0]["image_id"] == 11
+    with pytest.raises(ValueError, match=r"label\(s\) \[3\]"):
+        to_coco_results([dict(outputs[0], labels=torch.tensor([3, 1]))], category_map=[3, 7])
+    path = write_results_json(res, tmp_path / "sub" / "dets.json")
+    assert json.loads(path.read_text()) == [dict(res[0], score=pytest.approx(0.8))]
+    assert not list(path.parent.glob("*.tmp"))
+
+
+def test_gather_without_process_group_is_identity_and_dedupes():
+    items = [{"image_id": 1}, {"image_id": 2}, {"image_id": 1}]
+    assert gather_across_workers(items) == items
+    assert gather_across_workers(items, dedupe_key="image_id") == items[:2]
+
+
+def _gather_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    # rank 1 repeats image 1, as DistributedSampler's padding does
+    mine = [{"image_id": 0, "r": 0}, {"image_id": 2, "r": 0}] if rank == 0 else \
+        [{"image_id": 1, "r": 1}, {"image_id": 1, "r": 1}]
+    got = gather_across_workers(mine, dedupe_key="image_id")
+    with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+        json.dump(got, f)
+    dist.destroy_process_group()
+
+
+def test_gather_across_two_gloo_ranks(tmp_path):
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_gather_worker, args=(r, str(tmp_path / "init"), str(tmp_path)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    expected = [{"image_id": 0, "r": 0}, {"image_id": 2, "r": 0}, {"image_id": 1, "r": 1}]
+    for r in range(2):
+        assert json.loads((tmp_path / f"{r}.json").read_text()) == expected
