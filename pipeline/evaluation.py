@@ -9,7 +9,8 @@ A metric whose area range holds no ground truth is ``-1.0`` (COCO's "undefined")
 results list scores 0 on every defined metric.
 
 Two interchangeable backends score the same detections: ``"pycocotools"`` (the reference
-implementation) and ``"faster"`` (faster-coco-eval, C++); ``bench/eval.py`` compares them.
+implementation) and ``"faster"`` (faster-coco-eval, C++, the default); ``bench/eval.py`` shows
+they give identical metrics, the faster one in about 1/6 of the time.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ import torch
 
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 BACKENDS = ("pycocotools", "faster")
-DEFAULT_BACKEND = "pycocotools"
+# bench/eval.py: identical metrics (max difference ~1e-16) and 6-7x faster on 100k detections.
+DEFAULT_BACKEND = "faster"
 _RESULT_KEYS = ("image_id", "category_id", "bbox", "score")
 
 
