@@ -1,0 +1,319 @@
+"""MLflow helpers shared by training, evaluation and sweeps.
+
+* :func:`default_tracking_uri`: ``MLFLOW_TRACKING_URI`` if set, else a SQLite store in the working
+  directory, as an **absolute** URI: Ray Train workers run in another cwd (RAY_NOTES section 1), so
+  the driver resolves it and passes it on.
+* :func:`mlflow_run`: a context that starts (or re-attaches to) a run and never leaves it RUNNING on
+  a Python error: FAILED with the error as tag ``error`` and ``error.txt`` artifact, KILLED on
+  Ctrl-C/SIGTERM. :func:`mark_run_failed` does the same from outside (the driver, after a worker died).
+* :func:`flatten_config`, :func:`log_params`, :func:`log_metrics`: MLflow-sized params/metrics.
+* :func:`plot_loss_curves`, :func:`plot_per_category_ap`: PNGs (matplotlib Agg).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import traceback
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+DEFAULT_EXPERIMENT = "atss"
+MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+_PARAMS_PER_BATCH = 100  # MLflow's limit on params in one log_batch
+_METRICS_PER_BATCH = 1000
+
+
+# ----------------------------------------------------------------------------------------------
+# where runs go
+# ----------------------------------------------------------------------------------------------
+def default_tracking_uri(cwd: str | os.PathLike | None = None) -> str:
+    """``MLFLOW_TRACKING_URI`` (made absolute) or ``sqlite:///<abs cwd>/mlflow.db``."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return absolute_tracking_uri(env, cwd)
+    base = Path(cwd or os.getcwd()).resolve()
+    return f"sqlite:///{base / 'mlflow.db'}"
+
+
+def absolute_tracking_uri(uri: str, cwd: str | os.PathLike | None = None) -> str:
+    """Make a relative local store absolute against ``cwd`` (sqlite paths, ``file:`` and bare paths);
+    server URIs (``http(s)://``, ``databricks``, ...) pass through unchanged."""
+    base = Path(cwd or os.getcwd()).resolve()
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if path.startswith("/"):  # sqlite:////abs/path.db
+            return uri
+        return f"sqlite:///{(base / path).resolve()}"
+    if uri.startswith("file:"):
+        path = uri[len("file:"):]
+        if path.startswith("//"):
+            return uri
+        return Path(base / path).resolve().as_uri()
+    if "://" not in uri and ":" not in uri.split("/")[0]:  # a bare local path means a file store
+        return (base / uri).resolve().as_uri()
+    return uri
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The command that shows this store in a browser."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
+def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Artifacts of a local SQLite store sit beside the database, not in the creating process's cwd
+    (a Ray worker's cwd is a session temp dir that disappears)."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in experiment)
+        return (db.parent / "mlruns" / safe).as_uri()
+    return None
+
+
+def get_or_create_experiment(experiment: str, tracking_uri: str) -> str:
+    """Experiment id by name, created (with a stable artifact location) when missing."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            raise ValueError(f"MLflow experiment {experiment!r} is deleted in {tracking_uri}; restore it "
+                             "or pick another experiment name")
+        return exp.experiment_id
+    try:
+        return client.create_experiment(experiment, artifact_location=_artifact_location(tracking_uri, experiment))
+    except MlflowException:  # another process created it between the two calls
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+# ----------------------------------------------------------------------------------------------
+# run lifecycle
+# ----------------------------------------------------------------------------------------------
+def create_run(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None,
+               parent_run_id: str | None = None, tags: Mapping[str, Any] | None = None) -> str:
+    """Create a run (status RUNNING) without making it the process's active run; returns its id."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp_id = get_or_create_experiment(experiment, tracking_uri)
+    all_tags = {str(k): str(v) for k, v in (tags or {}).items()}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    return run.info.run_id
+
+
+def find_run(tracking_uri: str, experiment: str, tag: str, value: str) -> str | None:
+    """Id of the newest run of ``experiment`` whose tag ``tag`` equals ``value`` (None if none)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    quote = '"' if "'" in value else "'"
+    if quote in value:
+        raise ValueError(f"cannot search MLflow for a tag value holding both quote characters: {value!r}")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{tag}` = {quote}{value}{quote}",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def mark_run_failed(tracking_uri: str, run_id: str, error: BaseException | str,
+                    status: str = "FAILED", traceback_text: str | None = None) -> None:
+    """Terminate ``run_id`` as FAILED (or KILLED) with the error as tag ``error`` and ``error.txt``."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    text = error if isinstance(error, str) else _error_text(error)
+    client.set_tag(run_id, "error", text[:MAX_PARAM_LENGTH])
+    if traceback_text:
+        with contextlib.suppress(Exception):  # the status matters more than the attachment
+            client.log_text(run_id, traceback_text, "error.txt")
+    client.set_terminated(run_id, status)
+
+
+def run_status(tracking_uri: str, run_id: str) -> str:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri).get_run(run_id).info.status
+
+
+@contextlib.contextmanager
+def mlflow_run(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None,
+               run_id: str | None = None, parent_run_id: str | None = None,
+               tags: Mapping[str, Any] | None = None) -> Iterator[Any]:
+    """Start a run (or re-attach to ``run_id``) as the active run; yields the ``mlflow.ActiveRun``.
+
+    Leaving normally ends it FINISHED. An exception ends it FAILED (KeyboardInterrupt and SystemExit:
+    KILLED) with the error recorded, then propagates. Re-attaching clears a previous attempt's
+    ``error`` tag, since the run is alive again.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    if run_id is None:
+        run_id = create_run(tracking_uri, experiment, run_name, parent_run_id, tags)
+    else:
+        client = mlflow.MlflowClient(tracking_uri)
+        if "error" in client.get_run(run_id).data.tags:
+            client.delete_tag(run_id, "error")
+        for k, v in (tags or {}).items():
+            client.set_tag(run_id, str(k), str(v))
+    if mlflow.active_run() is not None and mlflow.active_run().info.run_id != run_id:
+        # A nested call (e.g. inside a Tune trial that has its own run) must not end the outer run.
+        active = mlflow.start_run(run_id=run_id, nested=True)
+    else:
+        active = mlflow.start_run(run_id=run_id)
+    try:
+        yield active
+    except BaseException as e:
+        status = "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED"
+        with contextlib.suppress(Exception):
+            mark_run_failed(tracking_uri, run_id, e, status, traceback.format_exc())
+        mlflow.end_run(status=status)
+        raise
+    else:
+        mlflow.end_run(status="FINISHED")
+
+
+# ----------------------------------------------------------------------------------------------
+# params and metrics
+# ----------------------------------------------------------------------------------------------
+def flatten_config(config: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str, str]:
+    """Nested dicts -> ``{"a.b.c": "value"}`` with string values MLflow accepts.
+
+    Lists and tuples become their ``repr``; ``None`` becomes ``"None"``; values longer than MLflow's
+    limit are cut with a trailing ``...``.
+    """
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{sep}{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            if value:
+                out.update(flatten_config(value, name, sep))
+            else:
+                out[name] = "{}"
+            continue
+        text = str(list(value)) if isinstance(value, tuple) else str(value)
+        if len(text) > MAX_PARAM_LENGTH:
+            text = text[: MAX_PARAM_LENGTH - 3] + "..."
+        out[name] = text
+    return out
+
+
+def log_params(run_id: str, params: Mapping[str, Any], tracking_uri: str) -> None:
+    """Log flattened params in batches (MLflow takes at most 100 per call)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    client = MlflowClient(tracking_uri)
+    items = [Param(k, str(v)) for k, v in params.items()]
+    for i in range(0, len(items), _PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=items[i:i + _PARAMS_PER_BATCH])
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, float], step: int, tracking_uri: str) -> None:
+    """One ``log_batch`` for a dict of scalars; non-finite and non-numeric values are skipped."""
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = []
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if math.isfinite(float(v)):
+            items.append(Metric(k, float(v), now, int(step)))
+    client = MlflowClient(tracking_uri)
+    for i in range(0, len(items), _METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=items[i:i + _METRICS_PER_BATCH])
+
+
+def metric_history(run_id: str, keys, tracking_uri: str) -> dict[str, list[tuple[int, float]]]:
+    """``{key: [(step, value), ...]}`` sorted by step (for plots)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in keys}
+
+
+# ----------------------------------------------------------------------------------------------
+# plots
+# ----------------------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss_curves(history: Mapping[str, list[tuple[int, float]]], path: str | os.PathLike,
+                     title: str = "training losses") -> Path:
+    """One line per loss (``{name: [(iteration, value)]}``) on a log scale; returns the PNG path."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    drew = False
+    for name, points in history.items():
+        points = [(s, v) for s, v in points if v > 0 and math.isfinite(v)]
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, label=name, linewidth=1.2)
+            drew = True
+    if drew:
+        ax.set_yscale("log")
+        ax.legend(loc="upper right", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no loss values logged", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_per_category_ap(per_category: Mapping[str, float], path: str | os.PathLike,
+                         title: str = "AP per category") -> Path:
+    """Horizontal bars, best category on top (COCO's -1 "no ground truth" entries are left out)."""
+    plt = _pyplot()
+    items = sorted(((n, v) for n, v in per_category.items() if v >= 0), key=lambda kv: kv[1])
+    height = max(2.5, 0.18 * len(items) + 1.0)
+    fig, ax = plt.subplots(figsize=(7, height), dpi=100)
+    if items:
+        names, values = zip(*items)
+        ax.barh(range(len(items)), values, color="tab:blue")
+        ax.set_yticks(range(len(items)))
+        ax.set_yticklabels(names, fontsize=7)
+        ax.set_xlim(0, max(1e-3, max(values)) * 1.05)
+    else:
+        ax.text(0.5, 0.5, "no category with ground truth", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("AP (IoU .50:.95)")
+    ax.set_title(title)
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,82 @@
+"""MLflow helpers: absolute default store, runs never left RUNNING, params flattening, plots."""
+import os
+
+import pytest
+from mlflow import MlflowClient
+
+from pipeline import tracking
+
+
+@pytest.fixture()
+def store(tmp_path):
+    # The file store takes ~0.1 s per run (SQLite needs ~7 s to create its schema); conftest allows it.
+    return (tmp_path / "mlruns").as_uri()
+
+
+def test_default_tracking_uri_is_absolute_and_honours_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.default_tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5055")
+    assert tracking.default_tracking_uri(tmp_path) == "http://127.0.0.1:5055"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///rel/m.db")
+    assert tracking.default_tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/rel/m.db"
+    assert tracking.absolute_tracking_uri("mlruns", tmp_path) == (tmp_path / "mlruns").resolve().as_uri()
+    assert "mlflow ui --backend-store-uri sqlite:///" in tracking.ui_command("sqlite:////x/mlflow.db")
+
+
+def test_flatten_config_nested_lists_none_and_long_values():
+    flat = tracking.flatten_config({"a": {"b": 1, "c": {"d": (1, 2)}}, "e": None, "f": {}, "g": "x" * 7000})
+    assert flat["a.b"] == "1" and flat["a.c.d"] == "[1, 2]" and flat["e"] == "None" and flat["f"] == "{}"
+    assert len(flat["g"]) == tracking.MAX_PARAM_LENGTH and flat["g"].endswith("...")
+
+
+def test_run_finishes_with_params_and_metrics(store):
+    with tracking.mlflow_run(store, "exp", run_name="ok", tags={"k": "v"}) as run:
+        rid = run.info.run_id
+        tracking.log_params(rid, {f"p{i}": i for i in range(150)}, store)  # > one batch of 100
+        tracking.log_metrics(rid, {"loss": 1.5, "nan": float("nan"), "flag": True}, step=3, tracking_uri=store)
+    r = MlflowClient(store).get_run(rid)
+    assert r.info.status == "FINISHED"
+    assert len(r.data.params) == 150 and r.data.tags["k"] == "v"
+    assert r.data.metrics == {"loss": 1.5}
+
+
+def test_crashing_run_is_failed_with_the_error_and_reattaching_clears_it(store):
+    with pytest.raises(RuntimeError, match="boom"):
+        with tracking.mlflow_run(store, "exp", run_name="crash") as run:
+            rid = run.info.run_id
+            raise RuntimeError("boom at iteration 7")
+    client = MlflowClient(store)
+    r = client.get_run(rid)
+    assert r.info.status == "FAILED"
+    assert r.data.tags["error"] == "RuntimeError: boom at iteration 7"
+    assert "error.txt" in [a.path for a in client.list_artifacts(rid)]
+    # a retry re-attaches to the same run and ends it cleanly
+    with tracking.mlflow_run(store, "exp", run_id=rid):
+        assert client.get_run(rid).info.status == "RUNNING"
+    r = client.get_run(rid)
+    assert r.info.status == "FINISHED" and "error" not in r.data.tags
+
+
+def test_interrupted_run_is_killed_and_driver_side_failure(store):
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.mlflow_run(store, "exp") as run:
+            raise KeyboardInterrupt
+    assert tracking.run_status(store, run.info.run_id) == "KILLED"
+    rid = tracking.create_run(store, "exp", run_name="child", parent_run_id=run.info.run_id,
+                              tags={"atss.key": "a'b"})
+    assert tracking.find_run(store, "exp", "atss.key", "a'b") == rid
+    assert tracking.find_run(store, "exp", "atss.key", "other") is None
+    tracking.mark_run_failed(store, rid, RuntimeError("worker died"))
+    r = MlflowClient(store).get_run(rid)
+    assert (r.info.status, r.data.tags["error"]) == ("FAILED", "RuntimeError: worker died")
+    assert r.data.tags["mlflow.parentRunId"] == run.info.run_id
+
+
+def test_plots_are_pngs(tmp_path):
+    p = tracking.plot_loss_curves({"loss": [(0, 2.0), (10, 1.0), (20, float("nan"))], "empty": []},
+                                  tmp_path / "loss.png")
+    q = tracking.plot_per_category_ap({"person": 0.5, "dog": 0.1, "none": -1.0}, tmp_path / "ap.png")
+    r = tracking.plot_per_category_ap({}, tmp_path / "empty.png")
+    for f in (p, q, r):
+        assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and os.path.getsize(f) > 1000
