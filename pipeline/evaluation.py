@@ -249,8 +249,8 @@ def _label_lookup(category_map) -> torch.Tensor:
     Accepts a ``pipeline.data.CategoryMap``, a ``{label: coco_id}`` mapping, or the COCO ids in
     label order (label ``i`` -> ``ids[i - 1]``).
     """
-    if hasattr(category_map, "coco_ids"):
-        ids = list(category_map.coco_ids)
+    if hasattr(category_map, "to_coco_ids") and hasattr(category_map, "ids"):  # CategoryMap
+        ids = list(category_map.ids)
     elif isinstance(category_map, Mapping):
         n = max(category_map) if category_map else 0
         ids = [-1] * n
