@@ -1,0 +1,1 @@
+"""atss-ray pipeline: data, training, evaluation, tracking and sweeps around the `detector` package."""

@@ -1,0 +1,204 @@
+"""COCO detection dataset: annotation table + images on disk -> (image, target) training samples."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .annotations import AnnotationError, AnnotationTable
+from .categories import CategoryMap
+from .transforms import DetectionTransform
+
+__all__ = ["CocoDetection", "EmptyDatasetError", "TooManyBadImagesError", "read_image"]
+
+log = logging.getLogger(__name__)
+
+
+class EmptyDatasetError(ValueError):
+    """No image left after filtering; the message says which file and why."""
+
+
+class TooManyBadImagesError(RuntimeError):
+    """More images failed to load than ``max_bad_fraction`` allows; the message names them."""
+
+
+def read_image(path: str | os.PathLike) -> torch.Tensor:
+    """Decode an image file to uint8 RGB ``[3, h, w]``; raises ``OSError`` naming the file."""
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path}") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise OSError(f"cannot decode image {path}: {e}") from e
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """COCO-format detection data from an instances json (pycocotools) or a Parquet index.
+
+    ``__getitem__(key)`` takes an index, or ``(index, seed)`` from the training samplers so the
+    random resize/flip of every sample is reproducible whatever the worker layout, and returns
+    ``(image, target)``:
+
+    - ``image``: float32 ``[3, h, w]`` ImageNet-normalised RGB, resized;
+    - ``target``: ``boxes`` float32 ``[G, 4]`` xyxy in resized pixels, ``labels`` int64 ``[G]``
+      in ``1..C``, ``crowd_boxes`` float32 ``[K, 4]`` (``iscrowd=1``, never positives),
+      ``image_id`` (COCO id), ``orig_size`` ``(h0, w0)``, ``image_size`` ``(h, w)``,
+      ``scale`` (resized / original), ``flipped``.
+
+    Boxes are clipped to the image; boxes under ``min_box_size`` px wide or high after clipping
+    are dropped. With ``train=True`` images without a usable non-crowd box are left out (the
+    paper's rule); with ``train=False`` every image is kept, including an image-info file
+    with no annotations at all (test-dev).
+
+    An image that is missing or cannot be decoded is logged and skipped: the next image is
+    returned instead and ``num_bad_images`` / ``bad_files`` count it (per process). When more
+    than ``max_bad_fraction`` of the dataset is bad the dataset raises naming the files.
+    """
+
+    def __init__(self, ann_file: str | os.PathLike, image_dir: str | os.PathLike, *, train: bool,
+                 transform: Optional[DetectionTransform] = None, min_box_size: float = 1.0,
+                 max_bad_fraction: float = 0.1, keep_coco: Optional[bool] = None):
+        self.ann_file = str(ann_file)
+        self.image_dir = Path(image_dir)
+        self.train = train
+        if not self.image_dir.is_dir():
+            raise FileNotFoundError(f"image directory not found: {self.image_dir} (annotations: {ann_file})")
+        keep = (not train) if keep_coco is None else keep_coco
+        self.table, self._coco = AnnotationTable.load(ann_file, keep_coco=keep)
+        self.category_map: CategoryMap = self.table.validate_categories()
+        self.transform = transform or DetectionTransform(flip_prob=0.5 if train else 0.0)
+        self.min_box_size = float(min_box_size)
+        self.max_bad_fraction = float(max_bad_fraction)
+        self.num_bad_images = 0
+        self.bad_files: list[str] = []
+        self._filter()
+
+    # -- filtering (vectorised over all boxes, once) ---------------------------------------------
+    def _filter(self) -> None:
+        t = self.table
+        img_of_box = np.repeat(np.arange(t.num_images), np.diff(t.offsets))
+        w = t.widths[img_of_box].astype(np.float32)
+        h = t.heights[img_of_box].astype(np.float32)
+        clipped = self._clip(t.boxes, w, h)
+        size_ok = ((clipped[:, 2] - clipped[:, 0]) >= self.min_box_size) & \
+                  ((clipped[:, 3] - clipped[:, 1]) >= self.min_box_size)
+        n_outside = int((np.abs(clipped - t.boxes) > 1e-3).any(axis=1).sum())
+        self._box_ok = size_ok
+        n_dropped = int((~size_ok).sum())
+        if n_dropped:
+            bad = t.ann_ids[~size_ok][:5].tolist()
+            log.warning("%s: dropped %d box(es) under %.3g px after clipping (zero/negative size), "
+                        "e.g. annotation ids %s", self.ann_file, n_dropped, self.min_box_size, bad)
+        if n_outside:
+            log.info("%s: clipped %d box(es) that extend outside their image", self.ann_file, n_outside)
+        positives = np.bincount(img_of_box[size_ok & ~t.iscrowd], minlength=t.num_images)
+        if self.train:
+            keep = np.flatnonzero(positives > 0)
+            if len(keep) < t.num_images:
+                log.info("%s: training keeps %d of %d images (the others have no usable non-crowd box)",
+                         self.ann_file, len(keep), t.num_images)
+        else:
+            keep = np.arange(t.num_images)
+        if len(keep) == 0:
+            why = ("no image has a usable non-crowd box" if self.train and t.num_images
+                   else "the file lists no images")
+            raise EmptyDatasetError(f"{self.ann_file}: dataset is empty after filtering: {why} "
+                                    f"({t.num_images} images, {t.num_boxes} annotations, "
+                                    f"{n_dropped} boxes dropped as degenerate)")
+        self.indices = keep  # dataset position -> table row
+
+    @staticmethod
+    def _clip(boxes: np.ndarray, w, h) -> np.ndarray:
+        out = np.empty_like(boxes)
+        np.clip(boxes[:, 0], 0, w, out=out[:, 0])
+        np.clip(boxes[:, 1], 0, h, out=out[:, 1])
+        np.clip(boxes[:, 2], 0, w, out=out[:, 2])
+        np.clip(boxes[:, 3], 0, h, out=out[:, 3])
+        return out
+
+    # -- metadata without decoding images ---------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def image_ids(self) -> np.ndarray:
+        return self.table.image_ids[self.indices]
+
+    @property
+    def heights(self) -> np.ndarray:
+        return self.table.heights[self.indices]
+
+    @property
+    def widths(self) -> np.ndarray:
+        return self.table.widths[self.indices]
+
+    @property
+    def coco(self):
+        """pycocotools ``COCO`` ground truth (kept from the json, or rebuilt from a Parquet index)."""
+        if self._coco is None:
+            self._coco = self.table.to_coco()
+        return self._coco
+
+    def annotations(self, idx: int) -> dict:
+        """Filtered boxes of sample ``idx`` in original pixels, without reading the image."""
+        row = int(self.indices[idx])
+        t = self.table
+        sl = t.box_slice(row)
+        w, h = float(t.widths[row]), float(t.heights[row])
+        boxes = self._clip(t.boxes[sl], w, h)
+        ok = self._box_ok[sl]
+        crowd = t.iscrowd[sl]
+        pos, neg = ok & ~crowd, ok & crowd
+        return {
+            "boxes": torch.from_numpy(np.ascontiguousarray(boxes[pos], dtype=np.float32)),
+            "labels": torch.from_numpy(self.category_map.to_labels(t.category_ids[sl][pos])),
+            "crowd_boxes": torch.from_numpy(np.ascontiguousarray(boxes[neg], dtype=np.float32)),
+            "image_id": int(t.image_ids[row]),
+            "orig_size": (int(t.heights[row]), int(t.widths[row])),
+        }
+
+    def image_path(self, idx: int) -> Path:
+        return self.image_dir / self.table.file_name(int(self.indices[idx]))
+
+    # -- samples ----------------------------------------------------------------------------------
+    def __getitem__(self, key):
+        idx, seed = key if isinstance(key, tuple) else (key, None)
+        idx = int(idx)
+        if not -len(self) <= idx < len(self):
+            raise IndexError(f"index {idx} out of range for a dataset of {len(self)} images")
+        idx %= len(self)
+        rng = np.random.default_rng(seed)
+        for _ in range(len(self)):
+            path = self.image_path(idx)
+            try:
+                image = read_image(path)
+            except OSError as e:
+                self._record_bad(str(path), str(e))
+                idx = (idx + 1) % len(self)
+                continue
+            target = self.annotations(idx)
+            if tuple(image.shape[-2:]) != target["orig_size"]:
+                self._record_bad(str(path), f"decoded size {tuple(image.shape[-2:])} != annotated "
+                                            f"(h, w) {target['orig_size']} for image id {target['image_id']}")
+                idx = (idx + 1) % len(self)
+                continue
+            return self.transform(image, target, rng)
+        raise TooManyBadImagesError(f"{self.ann_file}: no image of {self.image_dir} could be read")
+
+    def _record_bad(self, path: str, why: str) -> None:
+        self.num_bad_images += 1
+        if path not in self.bad_files:
+            self.bad_files.append(path)
+        log.warning("skipping unreadable image (%d so far): %s", self.num_bad_images, why)
+        if len(self.bad_files) > self.max_bad_fraction * len(self):
+            shown = ", ".join(self.bad_files[:10]) + (" ..." if len(self.bad_files) > 10 else "")
+            raise TooManyBadImagesError(
+                f"{len(self.bad_files)} of {len(self)} images under {self.image_dir} could not be read "
+                f"(more than max_bad_fraction={self.max_bad_fraction:g}): {shown}")

@@ -1,0 +1,133 @@
+"""Parquet annotation index: convert an instances json once, then memory-map it in every worker.
+
+One row per image::
+
+    image_id int64, file_name string, height int32, width int32,
+    ann_ids list<int64>, boxes list<fixed_size_list<float32, 4>> (xyxy, original pixels, raw),
+    category_ids list<int32> (COCO ids), areas list<float32>, iscrowd list<bool>
+
+The COCO ``categories`` block, the source file name and the format version are in the schema
+metadata. Reading memory-maps the file and exposes the flat child buffers as numpy views, so a
+sample is decoded only when it is asked for and a forked DataLoader worker shares the pages.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .annotations import AnnotationError, AnnotationTable, load_coco_json
+
+__all__ = ["build_index", "write_index", "read_index", "INDEX_VERSION"]
+
+INDEX_VERSION = "1"
+_META_PREFIX = b"atss_ray."
+
+
+def _list_column(offsets: np.ndarray, values: pa.Array) -> pa.ListArray:
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
+
+
+def write_index(table: AnnotationTable, out: str | os.PathLike) -> Path:
+    """Write ``table`` as a Parquet index at ``out`` (atomically: temp file then rename)."""
+    out = Path(out)
+    if out.suffix != ".parquet":
+        raise ValueError(f"index file name must end in .parquet: {out}")
+    off = table.offsets
+    boxes = pa.FixedSizeListArray.from_arrays(pa.array(table.boxes.reshape(-1), pa.float32()), 4)
+    arrow = pa.table({
+        "image_id": pa.array(table.image_ids, pa.int64()),
+        "file_name": table.file_names,
+        "height": pa.array(table.heights, pa.int32()),
+        "width": pa.array(table.widths, pa.int32()),
+        "ann_ids": _list_column(off, pa.array(table.ann_ids, pa.int64())),
+        "boxes": _list_column(off, boxes),
+        "category_ids": _list_column(off, pa.array(table.category_ids.astype(np.int32), pa.int32())),
+        "areas": _list_column(off, pa.array(table.areas, pa.float32())),
+        "iscrowd": _list_column(off, pa.array(table.iscrowd, pa.bool_())),
+    })
+    meta = {
+        _META_PREFIX + b"version": INDEX_VERSION.encode(),
+        _META_PREFIX + b"categories": json.dumps(table.categories).encode(),
+        _META_PREFIX + b"source": os.path.basename(table.source).encode(),
+        _META_PREFIX + b"has_annotations": b"1" if table.has_annotations else b"0",
+    }
+    arrow = arrow.replace_schema_metadata(meta)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        # Uncompressed pages: decoding is a copy of the mapped bytes, no decompression pass.
+        pq.write_table(arrow, tmp, compression="none", row_group_size=1 << 20)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+def build_index(ann_file: str | os.PathLike, out: str | os.PathLike) -> AnnotationTable:
+    """Convert a COCO instances/image-info json to a Parquet index; returns the table written."""
+    table, _ = load_coco_json(ann_file)
+    write_index(table, out)
+    return table
+
+
+def _flat(col: pa.ChunkedArray | pa.Array, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets int64[N+1], flat values numpy) of a list column, ``depth`` list levels deep."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    offsets = arr.offsets.to_numpy().astype(np.int64)
+    values = arr.values
+    for _ in range(depth - 1):
+        values = values.values  # fixed_size_list child: no offsets of its own
+    if pa.types.is_boolean(values.type):
+        return offsets, values.to_numpy(zero_copy_only=False)  # bit-packed: needs unpacking
+    return offsets, values.to_numpy(zero_copy_only=True)
+
+
+def read_index(path: str | os.PathLike) -> AnnotationTable:
+    """Memory-map a Parquet index written by :func:`write_index` into an :class:`AnnotationTable`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"annotation index not found: {path}")
+    try:
+        arrow = pq.read_table(path, memory_map=True)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise AnnotationError(f"{path} is not a readable Parquet annotation index: {e}") from e
+    meta = arrow.schema.metadata or {}
+    if _META_PREFIX + b"version" not in meta:
+        raise AnnotationError(f"{path} is a Parquet file but not an atss-ray annotation index "
+                              f"(no {(_META_PREFIX + b'version').decode()} metadata); build one with "
+                              f"jobs/build_index.py")
+    version = meta[_META_PREFIX + b"version"].decode()
+    if version != INDEX_VERSION:
+        raise AnnotationError(f"{path}: index version {version}, this code reads {INDEX_VERSION}; rebuild it")
+    offsets, ann_ids = _flat(arrow.column("ann_ids"), 1)
+    for name, depth in (("boxes", 2), ("category_ids", 1), ("areas", 1), ("iscrowd", 1)):
+        o, _ = _flat(arrow.column(name), depth)
+        if not np.array_equal(o, offsets):
+            raise AnnotationError(f"{path}: column {name!r} does not line up with 'ann_ids'")
+    _, boxes = _flat(arrow.column("boxes"), 2)
+    boxes = boxes.reshape(-1, 4)
+    if offsets[0] != 0:  # a sliced column; rebase so rows index the flat arrays from 0
+        boxes, ann_ids = boxes[offsets[0]:], ann_ids[offsets[0]:]
+    table = AnnotationTable(
+        source=str(path),
+        image_ids=arrow.column("image_id").to_numpy(),
+        file_names=arrow.column("file_name").combine_chunks(),
+        heights=arrow.column("height").to_numpy(),
+        widths=arrow.column("width").to_numpy(),
+        offsets=offsets - offsets[0],
+        ann_ids=ann_ids,
+        boxes=boxes,
+        category_ids=_flat(arrow.column("category_ids"), 1)[1][offsets[0]:],
+        areas=_flat(arrow.column("areas"), 1)[1][offsets[0]:],
+        iscrowd=_flat(arrow.column("iscrowd"), 1)[1][offsets[0]:],
+        categories=json.loads(meta[_META_PREFIX + b"categories"]),
+        has_annotations=meta.get(_META_PREFIX + b"has_annotations", b"1") == b"1",
+    )
+    table.validate_categories()
+    return table

@@ -1,0 +1,110 @@
+"""The paper's input transforms, as plain functions over tensors plus one composed transform.
+
+Boxes are ``xyxy`` float32 in absolute, continuous pixels (no +1). Images enter as uint8
+``[3, h, w]`` RGB and leave as float32 ImageNet-normalised ``[3, h', w']``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "get_resize_size", "resize", "hflip_boxes", "hflip",
+    "normalize", "denormalize", "DetectionTransform",
+]
+
+# torchvision's ImageNet weights (ResNet50_Weights.IMAGENET1K_V1 etc.) expect these, RGB in [0, 1].
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def get_resize_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int, float]:
+    """Output ``(h, w, scale)``: shorter side ``min_size`` unless the longer would exceed ``max_size``.
+
+    ``scale`` is the factor applied to both sides before rounding to whole pixels
+    (maskrcnn-benchmark's ``Resize.get_size`` rule).
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got (h={height}, w={width})")
+    scale = min_size / min(height, width)
+    if max(height, width) * scale > max_size:
+        scale = max_size / max(height, width)
+    return max(1, int(round(height * scale))), max(1, int(round(width * scale))), scale
+
+
+def resize(image: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resize ``image [C, h, w]`` (uint8 or float) to ``size = (h', w')`` bilinearly (antialiased).
+
+    Boxes ``[N, 4]`` xyxy scale per axis by ``w'/w`` and ``h'/h``, so a box edge stays on the same
+    image content despite the rounding of the output size.
+    """
+    h, w = image.shape[-2:]
+    nh, nw = size
+    if (nh, nw) != (h, w):
+        image = TF.resize(image, [nh, nw], antialias=True)
+    ratios = boxes.new_tensor([nw / w, nh / h, nw / w, nh / h])
+    return image, boxes * ratios
+
+
+def hflip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
+    """Mirror ``[N, 4]`` xyxy boxes in an image ``width`` pixels wide: ``x1' = W - x2, x2' = W - x1``."""
+    out = boxes.clone()
+    out[:, 0] = width - boxes[:, 2]
+    out[:, 2] = width - boxes[:, 0]
+    return out
+
+
+def hflip(image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return image.flip(-1), hflip_boxes(boxes, image.shape[-1])
+
+
+def normalize(image: torch.Tensor) -> torch.Tensor:
+    """uint8 (or float in 0..255) RGB ``[3, h, w]`` -> float32 ImageNet-normalised."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1) * 255.0
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1) * 255.0
+    return (image.to(torch.float32) - mean) / std
+
+
+def denormalize(image: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`normalize`, back to float 0..255 (for visualisation and tests)."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype, device=image.device).view(3, 1, 1) * 255.0
+    std = torch.tensor(IMAGENET_STD, dtype=image.dtype, device=image.device).view(3, 1, 1) * 255.0
+    return image * std + mean
+
+
+@dataclass
+class DetectionTransform:
+    """Resize (fixed or multi-scale shorter side), optional horizontal flip, normalise.
+
+    ``min_size`` is an int or an inclusive ``(lo, hi)`` range from which training draws one
+    integer per image (the paper's 2x multi-scale: 640..800). ``rng`` passed to ``__call__``
+    makes the draw reproducible; the dataset derives it from the sampler's per-sample seed.
+    """
+
+    min_size: int | tuple[int, int] = 800
+    max_size: int = 1333
+    flip_prob: float = 0.0
+
+    def sample_min_size(self, rng: np.random.Generator) -> int:
+        if isinstance(self.min_size, (tuple, list)):
+            lo, hi = self.min_size
+            return int(rng.integers(lo, hi + 1))
+        return int(self.min_size)
+
+    def __call__(self, image: torch.Tensor, target: dict, rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
+        """``image`` uint8 ``[3, h0, w0]``; ``target`` with ``boxes``/``crowd_boxes`` in original pixels."""
+        h0, w0 = image.shape[-2:]
+        nh, nw, scale = get_resize_size(h0, w0, self.sample_min_size(rng), self.max_size)
+        boxes, crowd = target["boxes"], target["crowd_boxes"]
+        g = boxes.shape[0]
+        image, both = resize(image, torch.cat([boxes, crowd]), (nh, nw))
+        flipped = bool(self.flip_prob > 0 and rng.random() < self.flip_prob)
+        if flipped:
+            image, both = hflip(image, both)
+        target = dict(target, boxes=both[:g], crowd_boxes=both[g:], image_size=(nh, nw),
+                      scale=float(scale), flipped=flipped)
+        return normalize(image), target

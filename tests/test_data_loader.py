@@ -1,0 +1,138 @@
+"""DataConfig, samplers and build_dataloader on a small synthetic set (no Ray, no COCO needed)."""
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data import (CocoDetection, DataConfig, GroupedBatchSampler, InferenceBatchSampler,
+                           build_dataloader, build_dataset, collate, orientation_groups)
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    return DataConfig.tiny(cache_dir=str(tmp_path_factory.mktemp("syncache")), synthetic_train_images=40,
+                           synthetic_val_images=12, synthetic_image_size=(96, 160),
+                           train_min_size=(96, 128), test_min_size=112, max_size=192)
+
+
+# -- DataConfig -----------------------------------------------------------------------------------
+def test_config_defaults_are_the_papers():
+    c = DataConfig()
+    assert (c.train_min_size, c.max_size, c.test_min_size, c.flip_prob, c.size_divisible) == (800, 1333, 800, 0.5, 32)
+    assert c.source == "synthetic"
+
+
+def test_config_round_trip_and_unknown_key():
+    c = DataConfig(source="coco:/data/coco", train_min_size=(640, 800))
+    d = c.to_dict()
+    assert d["train_min_size"] == [640, 800]
+    assert DataConfig.from_dict(d) == c
+    with pytest.raises(ValueError, match="train_min_szie"):
+        DataConfig.from_dict({"train_min_szie": 800})
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(source="cocoo:/x"), "source"), (dict(source="coco:"), "root"),
+    (dict(train_min_size=(800, 640)), "lo <= hi"), (dict(train_min_size=0), "train_min_size"),
+    (dict(flip_prob=1.5), "flip_prob"), (dict(max_size=-1), "max_size"),
+    (dict(test_min_size=(600, 800)), "test_min_size"), (dict(source="files"), "train_ann"),
+    (dict(synthetic_num_classes=0), "synthetic_num_classes"),
+])
+def test_config_validation(bad, match):
+    with pytest.raises(ValueError, match=match):
+        DataConfig(**bad)
+
+
+def test_tiny_is_cpu_small():
+    c = DataConfig.tiny()
+    assert c.source == "synthetic" and c.max_size <= 320 and max(c.synthetic_image_size) <= 192
+
+
+# -- samplers -------------------------------------------------------------------------------------
+def test_grouped_batches_have_one_orientation_and_cover_every_image():
+    groups = np.array([0, 1] * 25 + [1] * 7)
+    s = GroupedBatchSampler(groups, 4, seed=3, infinite=False)
+    batches = list(s)
+    assert len(batches) == len(s) == len(groups) // 4
+    mixed = [b for b in batches if len({groups[i] for i, _ in b}) > 1]
+    assert len(mixed) <= 1
+    seen = collections.Counter(i for b in batches for i, _ in b)
+    assert len(seen) >= len(groups) - 3  # only the < batch_size tail may be left out
+    s.set_epoch(1)
+    assert [i for b in s for i, _ in b] != [i for b in batches for i, _ in b]
+
+
+def test_grouped_infinite_is_pure_and_resumable():
+    groups = np.array([0, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1])
+    s = GroupedBatchSampler(groups, 3, seed=7)
+    it = iter(s)
+    first = [next(it) for _ in range(20)]
+    assert all(len({groups[i] for i, _ in b}) == 1 for b in first)
+    it2 = iter(GroupedBatchSampler(groups, 3, seed=7, start_iter=12))
+    assert [next(it2) for _ in range(8)] == first[12:]
+
+
+def test_grouped_sampler_shards_ranks_disjointly():
+    groups = np.zeros(24, dtype=int)
+    per_rank = [[i for b in GroupedBatchSampler(groups, 2, seed=1, num_replicas=3, rank=r, infinite=False)
+                 for i, _ in b] for r in range(3)]
+    flat = sum(per_rank, [])
+    assert sorted(flat) == list(range(24))
+    assert len({len(p) for p in per_rank}) == 1
+
+
+def test_inference_sampler_sees_every_image_once():
+    for n, reps in [(10, 3), (7, 4), (2, 3)]:
+        got = [i for r in range(reps) for b in InferenceBatchSampler(n, 3, num_replicas=reps, rank=r) for i in b]
+        assert got == list(range(n))
+
+
+# -- loaders --------------------------------------------------------------------------------------
+def test_train_loader_batches(cfg):
+    dl = build_dataloader(cfg, "train", batch_size=4, train=True, seed=0)
+    it = iter(dl)
+    for _ in range(3):
+        images, targets = next(it)
+        assert images.dtype == torch.float32 and images.shape[0] == 4
+        assert images.shape[-1] % 32 == 0 and images.shape[-2] % 32 == 0
+        orient = {t["image_size"][0] > t["image_size"][1] for t in targets}
+        assert len(orient) == 1
+        for t in targets:
+            assert 96 <= min(t["image_size"]) <= 128 and max(t["image_size"]) <= 192
+            assert t["boxes"].dtype == torch.float32 and t["labels"].dtype == torch.int64
+            assert len(t["boxes"]) >= 1 and t["labels"].min() >= 1
+
+
+def test_train_loader_is_deterministic_across_worker_counts(cfg):
+    def first_batches(workers):
+        it = iter(build_dataloader(cfg, "train", 2, train=True, seed=5, num_workers=workers))
+        return [next(it) for _ in range(3)]
+
+    a, b = first_batches(0), first_batches(2)
+    for (ia, ta), (ib, tb) in zip(a, b):
+        assert torch.equal(ia, ib)
+        assert [t["image_id"] for t in ta] == [t["image_id"] for t in tb]
+        assert all(torch.equal(x["boxes"], y["boxes"]) and x["flipped"] == y["flipped"] for x, y in zip(ta, tb))
+
+
+def test_eval_loader_complete_across_ranks(cfg):
+    ids = []
+    for r in range(3):
+        for images, targets in build_dataloader(cfg, "val", 4, train=False, num_replicas=3, rank=r):
+            ids += [t["image_id"] for t in targets]
+            assert all(not t["flipped"] and min(t["image_size"]) == 112 or max(t["image_size"]) == 192
+                       for t in targets)
+    ds = build_dataset(cfg, "val", train=False)
+    assert ids == ds.image_ids.tolist() and len(ids) == cfg.synthetic_val_images
+
+
+def test_collate_pads_with_zeros_bottom_right():
+    a, b = torch.ones(3, 40, 50), torch.full((3, 70, 33), 2.0)
+    images, targets = collate([(a, {"i": 0}), (b, {"i": 1})])
+    assert images.shape == (2, 3, 96, 64)
+    assert torch.equal(images[0, :, :40, :50], a) and images[0, :, 40:].abs().sum() == 0
+    assert images[0, :, :, 50:].abs().sum() == 0 and torch.equal(images[1, :, :70, :33], b)
+    assert [t["i"] for t in targets] == [0, 1]
