@@ -1,0 +1,259 @@
+"""COCO test-dev submissions: validate a results file, write it under the server's name, zip it.
+
+The evaluation server takes a zip holding one ``detections_test-dev2017_<name>_results.json``: a
+list of ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` in original image pixels
+and original COCO category ids. One malformed upload costs a day, so everything is checked
+locally first (:func:`validate_results`) and the written file is loaded back with pycocotools'
+``COCO.loadRes`` before it is zipped.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import re
+import zipfile
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from pipeline.evaluation import load_json, write_results_json
+
+DEFAULT_MAX_PER_IMAGE = 100  # the server scores the top 100 per image; it is also its upload limit
+BOX_TOLERANCE = 0.01  # px a box may pass the image border by (float32 rounding of clipped boxes)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_KEYS = ("image_id", "category_id", "bbox", "score")
+
+
+class SubmissionError(ValueError):
+    """A results file the server would reject or misread; ``problems`` lists every finding."""
+
+    def __init__(self, problems: Sequence[str], source: str = "results"):
+        self.problems = list(problems)
+        shown = "\n  ".join(self.problems[:20])
+        more = f"\n  ... and {len(self.problems) - 20} more" if len(self.problems) > 20 else ""
+        super().__init__(f"{source}: {len(self.problems)} problem(s):\n  {shown}{more}")
+
+
+def submission_filename(name: str, split: str = "test-dev2017") -> str:
+    """``detections_<split>_<name>_results.json``, the name the COCO server requires."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"submission name {name!r} must be letters, digits, '_', '-' or '.' "
+                         "(it becomes part of the file name the server parses)")
+    return f"detections_{split}_{name}_results.json"
+
+
+def load_image_info(image_info) -> dict:
+    """An image-info (or instances) file or dict, checked for ``images`` and ``categories``."""
+    source = str(image_info) if isinstance(image_info, (str, os.PathLike)) else "image info"
+    data = load_json(image_info, "image-info file") if isinstance(image_info, (str, os.PathLike)) \
+        else image_info
+    if not isinstance(data, Mapping) or not isinstance(data.get("images"), list) \
+            or not isinstance(data.get("categories"), list):
+        raise ValueError(f"{source}: not a COCO image-info file (needs 'images' and 'categories' lists)")
+    for i, img in enumerate(data["images"]):
+        for key in ("id", "width", "height"):
+            if key not in img:
+                raise ValueError(f"{source}: image entry {i} lacks '{key}'")
+    return data
+
+
+def cap_per_image(results: Sequence[Mapping], max_per_image: int = DEFAULT_MAX_PER_IMAGE) -> list[dict]:
+    """Keep each image's ``max_per_image`` highest-scoring detections (stable for equal scores)."""
+    by_image: dict = defaultdict(list)
+    for det in results:
+        by_image[det["image_id"]].append(det)
+    out = []
+    for dets in by_image.values():
+        out.extend(sorted(dets, key=lambda d: -float(d["score"]))[:max_per_image])
+    return out
+
+
+def _number(v) -> float | None:
+    if isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) or (
+        hasattr(v, "dtype") and getattr(v.dtype, "kind", "") in "iu")
+
+
+def validate_results(results, image_info, max_per_image: int = DEFAULT_MAX_PER_IMAGE,
+                     require_all_images: bool = True, source: str = "results") -> None:
+    """Raise :class:`SubmissionError` naming the image and the field of every problem.
+
+    Checks: each detection is an object with exactly ``image_id``, ``category_id``, ``bbox``,
+    ``score``; integer ids; the image is in the image-info file and the category in its
+    ``categories``; ``score`` finite in [0, 1]; ``bbox`` four finite numbers with positive width
+    and height, inside the image (``BOX_TOLERANCE`` px of slack); at most ``max_per_image``
+    detections per image; and (``require_all_images``) every image has at least one detection.
+    """
+    info = load_image_info(image_info)
+    if not isinstance(results, list):
+        raise SubmissionError([f"results must be a JSON list, got {type(results).__name__}"], source)
+    images = {int(img["id"]): img for img in info["images"]}
+    cat_ids = {int(c["id"]) for c in info["categories"]}
+    problems: list[str] = []
+    per_image: Counter = Counter()
+    for i, det in enumerate(results):
+        if not isinstance(det, Mapping):
+            problems.append(f"detection {i}: is a {type(det).__name__}, not an object")
+            continue
+        image_id = det.get("image_id")
+        where = f"detection {i} (image {image_id})"
+        missing = [k for k in _KEYS if k not in det]
+        extra = sorted(set(det) - set(_KEYS))
+        if missing:
+            problems.append(f"{where}: missing field(s) {', '.join(missing)}")
+        if extra:
+            problems.append(f"{where}: unexpected field(s) {', '.join(map(str, extra))}")
+        if "image_id" in det:
+            if not _is_int(image_id):
+                problems.append(f"{where}: image_id {image_id!r} is not an integer")
+            elif int(image_id) not in images:
+                problems.append(f"{where}: image_id {image_id} is not in the image-info file")
+            else:
+                per_image[int(image_id)] += 1
+        if "category_id" in det:
+            cat = det["category_id"]
+            if not _is_int(cat):
+                problems.append(f"{where}: category_id {cat!r} is not an integer")
+            elif int(cat) not in cat_ids:
+                problems.append(f"{where}: category_id {cat} is not a category of the image-info file")
+        if "score" in det:
+            s = _number(det["score"])
+            if s is None or not math.isfinite(s) or not 0.0 <= s <= 1.0:
+                problems.append(f"{where}: score {det['score']!r} is not a finite number in [0, 1]")
+        if "bbox" in det:
+            problems.extend(_bbox_problems(det["bbox"], images.get(image_id) if _is_int(image_id)
+                                           else None, where))
+    for image_id, n in sorted(per_image.items()):
+        if n > max_per_image:
+            problems.append(f"image {image_id}: {n} detections, more than the cap of {max_per_image}")
+    if require_all_images:
+        uncovered = [i for i in images if per_image[i] == 0]
+        for image_id in uncovered:
+            img = images[image_id]
+            problems.append(f"image {image_id} ({img.get('file_name', '?')}): no detection "
+                            "(every image of the image-info file must be covered)")
+    if problems:
+        raise SubmissionError(problems, source)
+
+
+def _bbox_problems(bbox, img: Mapping | None, where: str) -> list[str]:
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return [f"{where}: bbox must be [x, y, w, h], got {bbox!r}"]
+    vals = [_number(v) for v in bbox]
+    if any(v is None or not math.isfinite(v) for v in vals):
+        return [f"{where}: bbox {list(bbox)!r} holds a non-finite or non-numeric value"]
+    x, y, w, h = vals
+    out = []
+    if w <= 0 or h <= 0:
+        out.append(f"{where}: bbox {list(bbox)} has non-positive width or height")
+    if img is not None:
+        W, H = float(img["width"]), float(img["height"])
+        t = BOX_TOLERANCE
+        if x < -t or y < -t or x + w > W + t or y + h > H + t:
+            out.append(f"{where}: bbox {list(bbox)} leaves the {int(W)}x{int(H)} image")
+    return out
+
+
+def check_loadres(path: str | os.PathLike, image_info) -> int:
+    """Load ``path`` with pycocotools ``COCO.loadRes`` against the image-info file, as the server
+    does; returns the number of detections read. Raises :class:`SubmissionError` on failure."""
+    from pycocotools.coco import COCO
+
+    info = load_image_info(image_info)
+    gt = COCO()
+    gt.dataset = {"images": info["images"], "categories": info["categories"], "annotations": []}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+        try:
+            res = gt.loadRes(str(path))
+        except Exception as e:  # pycocotools asserts without saying which detection is wrong
+            raise SubmissionError([f"pycocotools COCO.loadRes failed: {type(e).__name__}: {e}"],
+                                  str(path)) from e
+    return len(res.anns)
+
+
+def write_submission(results: Sequence[Mapping], image_info, out_dir: str | os.PathLike, name: str,
+                     max_per_image: int = DEFAULT_MAX_PER_IMAGE, require_all_images: bool = True,
+                     split: str = "test-dev2017") -> tuple[Path, Path]:
+    """Validate ``results``, write ``detections_<split>_<name>_results.json`` and its zip.
+
+    Nothing is written when validation fails; files are written to temporary names and renamed,
+    so an existing submission is only replaced by a complete, validated one.
+    Returns ``(json path, zip path)``.
+    """
+    fname = submission_filename(name, split)
+    info = load_image_info(image_info)
+    results = [dict(d) for d in results]
+    validate_results(results, info, max_per_image, require_all_images)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / fname
+    zip_path = out_dir / (fname[: -len(".json")] + ".zip")
+    tmp_json = out_dir / (fname + ".partial")
+    write_results_json(results, tmp_json)
+    try:
+        n = check_loadres(tmp_json, info)
+        if n != len(results):
+            raise SubmissionError([f"COCO.loadRes read {n} detections, {len(results)} were written"],
+                                  str(tmp_json))
+        tmp_zip = zip_path.with_name(zip_path.name + ".partial")
+        with zipfile.ZipFile(tmp_zip, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            zf.write(tmp_json, arcname=fname)  # the server wants the json at the archive's top
+        os.replace(tmp_json, json_path)
+        os.replace(tmp_zip, zip_path)
+    finally:
+        for tmp in (tmp_json, zip_path.with_name(zip_path.name + ".partial")):
+            if tmp.exists():
+                tmp.unlink()
+    return json_path, zip_path
+
+
+def read_submission(path: str | os.PathLike) -> tuple[list, str]:
+    """Results list of a submission ``.json`` or ``.zip`` (which must hold exactly one json)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"submission file not found: {path}")
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path) as zf:
+            names = [n for n in zf.namelist() if not n.endswith("/")]
+            if len(names) != 1 or "/" in names[0] or not names[0].endswith(".json"):
+                raise SubmissionError([f"the zip must hold exactly one .json at its top level, "
+                                       f"holds {names}"], str(path))
+            try:
+                return json.loads(zf.read(names[0])), names[0]
+            except json.JSONDecodeError as e:
+                raise SubmissionError([f"{names[0]} is not valid JSON: {e}"], str(path)) from None
+    return load_json(path, "submission file"), path.name
+
+
+def validate_submission_file(path: str | os.PathLike, image_info,
+                             max_per_image: int = DEFAULT_MAX_PER_IMAGE,
+                             require_all_images: bool = True) -> int:
+    """Check a written submission (``.json`` or ``.zip``) before upload; returns its detection
+    count. The file name must follow the server's pattern, and the content passes
+    :func:`validate_results` and ``COCO.loadRes``."""
+    results, inner = read_submission(path)
+    if not re.match(r"^detections_[a-z0-9-]+_[A-Za-z0-9][A-Za-z0-9_.-]*_results\.json$", inner):
+        raise SubmissionError([f"file name {inner!r} does not follow "
+                               "detections_<split>_<name>_results.json"], str(path))
+    validate_results(results, image_info, max_per_image, require_all_images, source=str(path))
+    if Path(path).suffix == ".zip":
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(tmp) / inner
+            p.write_text(json.dumps(results))
+            return check_loadres(p, image_info)
+    return check_loadres(path, image_info)
