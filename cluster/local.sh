@@ -1,0 +1,268 @@
+#!/usr/bin/env bash
+# Start, inspect and stop a single-node Ray cluster on this machine, for `ray job submit`.
+#
+#   cluster/local.sh start [options]   start the head (returns once the job server answers)
+#   cluster/local.sh env               print the exports the Ray CLI needs (eval "$(cluster/local.sh env)")
+#   cluster/local.sh status            is it running, its ports, `ray status`
+#   cluster/local.sh submit -- CMD...  ray job submit --working-dir <repo> -- CMD... (waits, streams logs)
+#   cluster/local.sh stop              stop every process of this cluster (and only those)
+#
+# Options (start) and their environment defaults:
+#   --state-dir DIR      ATSS_RAY_STATE_DIR   (/tmp/atss-ray-$UID)  token, logs, Ray temp dir, pid
+#   --port N             ATSS_RAY_PORT        (6390)   GCS port
+#   --dashboard-port N   ATSS_RAY_DASHBOARD_PORT (8275) dashboard + job server, bound to 127.0.0.1
+#   --client-port N      ATSS_RAY_CLIENT_PORT (9981)   Ray Client server (outside the worker port range 10002-19999)
+#   --agent-port N       ATSS_RAY_AGENT_PORT  (52375)  dashboard agent HTTP port
+#   --num-cpus N         ATSS_RAY_NUM_CPUS    (all cores)
+#   --object-store-mb N  ATSS_RAY_OBJECT_STORE_MB (512)
+#   --timeout S          ATSS_RAY_START_TIMEOUT (90)   give up waiting for the job server
+#
+# Why it looks like this (see shared/RAY_NOTES.md section 4):
+# * Token auth is on in Ray 2.60. The token is a file in the state dir, exported with
+#   RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH for `ray start` and every CLI call, so nothing is
+#   written to ~/.ray.
+# * `ray stop` would kill every Ray process of this user, including other people's test clusters.
+#   Instead `ray start --head --block` runs as the leader of its own session (setsid); `stop` signals
+#   exactly the processes of that session.
+# * `--temp-dir` keeps Ray's "current cluster" address file out of /tmp/ray, so a plain
+#   `ray.init()` elsewhere on this machine starts its own cluster instead of attaching to this one.
+# * The venv's bin/ goes first on the cluster's PATH, so a job's `python` is the project's.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STATE_DIR="${ATSS_RAY_STATE_DIR:-/tmp/atss-ray-$(id -u)}"
+PORT="${ATSS_RAY_PORT:-6390}"
+DASHBOARD_PORT="${ATSS_RAY_DASHBOARD_PORT:-8275}"
+CLIENT_PORT="${ATSS_RAY_CLIENT_PORT:-9981}"
+AGENT_PORT="${ATSS_RAY_AGENT_PORT:-52375}"
+NUM_CPUS="${ATSS_RAY_NUM_CPUS:-}"
+OBJECT_STORE_MB="${ATSS_RAY_OBJECT_STORE_MB:-512}"
+START_TIMEOUT="${ATSS_RAY_START_TIMEOUT:-90}"
+STOP_TIMEOUT="${ATSS_RAY_STOP_TIMEOUT:-30}"
+
+die() { echo "local.sh: $*" >&2; exit 1; }
+
+usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+
+find_ray() {
+    if [[ -n "${RAY:-}" ]]; then
+        [[ -x "$RAY" ]] || die "RAY=$RAY is not an executable"
+        echo "$RAY"
+    elif [[ -x "$REPO/.venv/bin/ray" ]]; then
+        echo "$REPO/.venv/bin/ray"
+    elif command -v ray >/dev/null 2>&1; then
+        command -v ray
+    else
+        die "the ray CLI was not found (make setup creates $REPO/.venv/bin/ray, or set RAY=/path/to/ray)"
+    fi
+}
+
+parse_opts() {
+    while [[ $# -gt 0 ]]; do
+        case "$1" in
+            --state-dir) STATE_DIR="$2"; shift 2 ;;
+            --port) PORT="$2"; shift 2 ;;
+            --dashboard-port) DASHBOARD_PORT="$2"; shift 2 ;;
+            --client-port) CLIENT_PORT="$2"; shift 2 ;;
+            --agent-port) AGENT_PORT="$2"; shift 2 ;;
+            --num-cpus) NUM_CPUS="$2"; shift 2 ;;
+            --object-store-mb) OBJECT_STORE_MB="$2"; shift 2 ;;
+            --timeout) START_TIMEOUT="$2"; shift 2 ;;
+            --) shift; REST=("$@"); return ;;
+            *) die "unknown option '$1' (see: cluster/local.sh help)" ;;
+        esac
+    done
+}
+
+check_int() { [[ "$2" =~ ^[0-9]+$ ]] || die "$1 must be a positive integer, got '$2'"; }
+
+# The state dir's cluster.env pins what `start` used, so status/env/stop need only the state dir.
+load_state() {
+    [[ -f "$STATE_DIR/cluster.env" ]] || return 1
+    # shellcheck disable=SC1091
+    source "$STATE_DIR/cluster.env"
+}
+
+# pid of the session leader if it is still the process we started (guards against pid reuse).
+leader_pid() {
+    local pid start
+    [[ -f "$STATE_DIR/ray.pid" ]] || return 1
+    read -r pid start < "$STATE_DIR/ray.pid"
+    [[ -d "/proc/$pid" ]] || return 1
+    [[ "$(cut -d' ' -f22 "/proc/$pid/stat" 2>/dev/null)" == "$start" ]] || return 1
+    echo "$pid"
+}
+
+# Every live process of the cluster's session: the leader's session id, double-checked by the
+# token path in the process environment (only processes started under this cluster carry it).
+session_pids() {
+    local sid pid
+    [[ -f "$STATE_DIR/ray.pid" ]] || return 0
+    read -r sid _ < "$STATE_DIR/ray.pid"
+    for pid in $(ps -e -o pid=,sid= | awk -v s="$sid" '$2 == s {print $1}'); do
+        [[ "$pid" == "$$" ]] && continue
+        if tr '\0' '\n' 2>/dev/null < "/proc/$pid/environ" \
+            | grep -qxF "RAY_AUTH_TOKEN_PATH=$STATE_DIR/auth_token"; then
+            echo "$pid"
+        fi
+    done
+}
+
+print_env() {
+    cat <<EOF
+export RAY_AUTH_MODE=token
+export RAY_AUTH_TOKEN_PATH=$STATE_DIR/auth_token
+export RAY_ADDRESS=127.0.0.1:$PORT
+export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT
+export PATH=$(dirname "$(find_ray)"):\$PATH
+EOF
+}
+
+cli_env() {
+    export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$STATE_DIR/auth_token"
+    export RAY_API_SERVER_ADDRESS="http://127.0.0.1:$DASHBOARD_PORT"
+    export PATH="$(dirname "$(find_ray)"):$PATH"
+}
+
+cmd_start() {
+    local ray pid start_time deadline
+    parse_opts "$@"
+    for v in PORT DASHBOARD_PORT CLIENT_PORT AGENT_PORT OBJECT_STORE_MB START_TIMEOUT; do
+        check_int "$v" "${!v}"
+    done
+    [[ -z "$NUM_CPUS" ]] || check_int NUM_CPUS "$NUM_CPUS"
+    ray="$(find_ray)"
+    mkdir -p "$STATE_DIR"
+    STATE_DIR="$(cd "$STATE_DIR" && pwd)"
+    if pid="$(leader_pid)"; then
+        die "a cluster is already running from $STATE_DIR (pid $pid); run: cluster/local.sh stop"
+    fi
+    # Ray's unix sockets live under the temp dir; their paths must stay under 107 bytes.
+    (( ${#STATE_DIR} <= 40 )) || die "state dir path too long for Ray's sockets (max 40 chars): $STATE_DIR"
+
+    umask 077
+    if [[ ! -s "$STATE_DIR/auth_token" ]]; then
+        od -An -tx1 -N32 /dev/urandom | tr -d ' \n' > "$STATE_DIR/auth_token"
+    fi
+    cat > "$STATE_DIR/cluster.env" <<EOF
+PORT=$PORT
+DASHBOARD_PORT=$DASHBOARD_PORT
+CLIENT_PORT=$CLIENT_PORT
+AGENT_PORT=$AGENT_PORT
+EOF
+    local args=(start --head --block --disable-usage-stats
+        --port "$PORT" --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT"
+        --ray-client-server-port "$CLIENT_PORT" --dashboard-agent-listen-port "$AGENT_PORT"
+        --object-store-memory $((OBJECT_STORE_MB * 1024 * 1024))
+        --temp-dir "$STATE_DIR/ray")
+    [[ -z "$NUM_CPUS" ]] || args+=(--num-cpus "$NUM_CPUS")
+
+    # Environment of every cluster process (and so of every job and Train worker).
+    (
+        export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$STATE_DIR/auth_token"
+        export PATH="$(dirname "$ray"):$PATH"
+        export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="${RAY_TRAIN_HEALTH_CHECK_INTERVAL_S:-0.2}"
+        export RAY_TRAIN_ENABLE_PRINT_PATCH="${RAY_TRAIN_ENABLE_PRINT_PATCH:-0}"
+        unset RAY_ADDRESS RAY_API_SERVER_ADDRESS
+        cd "$STATE_DIR"
+        exec setsid "$ray" "${args[@]}" > "$STATE_DIR/ray-start.log" 2>&1 < /dev/null
+    ) &
+    pid=$!
+    # setsid execs in place when the caller is not a group leader, so $! is the session leader.
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+        [[ -r "/proc/$pid/stat" ]] && break
+        sleep 0.1
+    done
+    start_time="$(cut -d' ' -f22 "/proc/$pid/stat" 2>/dev/null)" || die "ray start exited at once; see $STATE_DIR/ray-start.log"
+    [[ "$(cut -d' ' -f6 "/proc/$pid/stat")" == "$pid" ]] \
+        || die "ray start (pid $pid) did not become a session leader; is job control (set -m) on?"
+    echo "$pid $start_time" > "$STATE_DIR/ray.pid"
+
+    deadline=$((SECONDS + START_TIMEOUT))
+    cli_env
+    until curl -s -o /dev/null "http://127.0.0.1:$DASHBOARD_PORT/api/version" \
+            && "$ray" job list --address "http://127.0.0.1:$DASHBOARD_PORT" >/dev/null 2>&1; do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            tail -n 30 "$STATE_DIR/ray-start.log" >&2 || true
+            cmd_stop >/dev/null 2>&1 || true
+            die "ray start exited before the job server came up; log: $STATE_DIR/ray-start.log"
+        fi
+        if (( SECONDS >= deadline )); then
+            tail -n 30 "$STATE_DIR/ray-start.log" >&2 || true
+            cmd_stop >/dev/null 2>&1 || true
+            die "the job server did not answer on 127.0.0.1:$DASHBOARD_PORT within ${START_TIMEOUT}s"
+        fi
+        sleep 1
+    done
+    echo "Ray head running (pid $pid). Dashboard and job server: http://127.0.0.1:$DASHBOARD_PORT"
+    echo "State, token and logs: $STATE_DIR"
+    echo "For the Ray CLI in this shell: eval \"\$(cluster/local.sh env)\""
+}
+
+cmd_stop() {
+    local pids deadline
+    parse_opts "$@"
+    load_state || true
+    pids="$(session_pids)"
+    if [[ -z "$pids" ]]; then
+        rm -f "$STATE_DIR/ray.pid"
+        echo "no local cluster running from $STATE_DIR"
+        return 0
+    fi
+    # The GCS is the slowest to exit on SIGTERM (15-20 s measured); then SIGKILL what is left.
+    kill -TERM $pids 2>/dev/null || true
+    deadline=$((SECONDS + STOP_TIMEOUT))
+    while [[ -n "$(session_pids)" ]] && (( SECONDS < deadline )); do
+        sleep 0.5
+    done
+    pids="$(session_pids)"
+    if [[ -n "$pids" ]]; then
+        kill -KILL $pids 2>/dev/null || true
+        sleep 1
+    fi
+    pids="$(session_pids)"
+    [[ -z "$pids" ]] || die "processes still alive after SIGKILL: $pids"
+    rm -f "$STATE_DIR/ray.pid"
+    echo "local cluster stopped ($STATE_DIR)"
+}
+
+cmd_status() {
+    local pid
+    parse_opts "$@"
+    load_state || die "no local cluster state in $STATE_DIR"
+    if ! pid="$(leader_pid)"; then
+        echo "stopped ($STATE_DIR)"
+        return 3
+    fi
+    echo "running: pid $pid, GCS 127.0.0.1:$PORT, dashboard http://127.0.0.1:$DASHBOARD_PORT, state $STATE_DIR"
+    cli_env
+    "$(find_ray)" status --address "127.0.0.1:$PORT"
+}
+
+cmd_env() {
+    parse_opts "$@"
+    load_state || die "no local cluster state in $STATE_DIR (run: cluster/local.sh start)"
+    print_env
+}
+
+cmd_submit() {
+    REST=()
+    parse_opts "$@"
+    load_state || die "no local cluster state in $STATE_DIR (run: cluster/local.sh start)"
+    leader_pid >/dev/null || die "the local cluster is not running (run: cluster/local.sh start)"
+    [[ ${#REST[@]} -gt 0 ]] || die "usage: cluster/local.sh submit -- python jobs/ablation.py --smoke"
+    cli_env
+    cd "$REPO"
+    exec "$(find_ray)" job submit --address "http://127.0.0.1:$DASHBOARD_PORT" \
+        --working-dir . --runtime-env cluster/runtime_env.yaml -- "${REST[@]}"
+}
+
+case "${1:-help}" in
+    start) shift; cmd_start "$@" ;;
+    stop) shift; cmd_stop "$@" ;;
+    status) shift; cmd_status "$@" ;;
+    env) shift; cmd_env "$@" ;;
+    submit) shift; cmd_submit "$@" ;;
+    help|-h|--help) usage ;;
+    *) usage >&2; exit 2 ;;
+esac
