@@ -152,3 +152,78 @@ def test_merge_passes_caps_per_image_keeping_ties():
     # the cut at the 3rd score (0.5) keeps every tie: 0.9, 0.8 and the three 0.5s
     assert out["scores"].tolist() == pytest.approx([0.9, 0.8, 0.5, 0.5, 0.5])
     assert cap_detections(torch.tensor([0.3, 0.2]), 5).tolist() == [0, 1]
+
+
+# ------------------------------------------------------------------------------------------------
+# TTA on a tiny real detector
+# ------------------------------------------------------------------------------------------------
+_TINY_TTA = dict(test_min_size=64, test_max_size=256, scales=(32, 96), max_size=256,
+                 scale_ranges=((16, math.inf), (0, 48)))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from detector import build_detector, get_preset
+
+    torch.manual_seed(0)
+    # untrained: the classifier starts at p = 0.01, so a low threshold gives boxes to check
+    return build_detector(get_preset("tiny", score_thresh=0.005)).eval()
+
+
+def test_tta_runs_every_scale_and_flip(tiny_model):
+    from pipeline.tta import tta_detect
+
+    cfg = TTAConfig(**_TINY_TTA, max_per_image=150)
+    seen = []
+    hook = tiny_model.backbone.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    g = torch.Generator().manual_seed(1)
+    images = [torch.randint(0, 256, (3, 64, 128), dtype=torch.uint8, generator=g),
+              torch.randint(0, 256, (3, 100, 60), dtype=torch.uint8, generator=g)]
+    try:
+        merged, passes = tta_detect(tiny_model, images, cfg, return_passes=True)
+    finally:
+        hook.remove()
+    # one forward per scale, the image and its mirror batched together (2 images x 2)
+    assert len(seen) == 3 and all(s[0] == 4 for s in seen)
+    assert [s[-2:] for s in seen] == [(128, 128), (64, 64), (160, 192)]  # padded to /32
+    for per_image, (h0, w0) in zip(passes, [(64, 128), (100, 60)]):
+        assert [(p.min_size, p.hflip) for p, _, _ in per_image] == \
+               [(64, False), (64, True), (32, False), (32, True), (96, False), (96, True)]
+        assert sum(len(out["scores"]) for _, _, out in per_image) > 0
+        for p, (h, w), out in per_image:
+            assert min(h, w) == p.min_size
+            b = out["boxes"]
+            assert ((b >= 0).all() and (b[:, 2] <= w0).all() and (b[:, 3] <= h0).all())
+            # area ranges hold in the pass's own pixels: (16, inf) at 32 px, (0, 48) at 96 px
+            area = ((b[:, 2:] - b[:, :2]) * torch.tensor([w / w0, h / h0])).prod(1)
+            if p.min_size == 32:
+                assert (area > 16 ** 2).all()
+            if p.min_size == 96:
+                assert (area < 48 ** 2).all()
+    # the filter did remove boxes: the same pass unfiltered keeps more
+    unfiltered = tta_detect(tiny_model, images[:1], cfg, passes=[TTAPass(96, 256, False, None)],
+                            return_passes=True)[1][0][0][2]
+    filtered = passes[0][4][2]
+    assert len(filtered["scores"]) < len(unfiltered["scores"])
+    for det in merged:
+        assert 0 < len(det["scores"]) <= 150
+        assert torch.all(det["scores"][:-1] >= det["scores"][1:])
+        assert det["labels"].min() >= 1
+
+
+def test_tta_flip_pass_mirrors_the_identity_pass(tiny_model):
+    """Running TTA on a mirrored image, its flip pass sees the original image: after mapping
+    back it must give the identity pass's boxes of the original, mirrored."""
+    from pipeline.data import hflip_boxes
+    from pipeline.tta import tta_detect
+
+    cfg = TTAConfig(**_TINY_TTA)
+    img = torch.randint(0, 256, (3, 64, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    _, [plain] = tta_detect(tiny_model, [img], cfg, return_passes=True)
+    _, [mirrored] = tta_detect(tiny_model, [img.flip(-1)], cfg, return_passes=True)
+    for (p, _, a), (q, _, b) in zip(plain[0::2], mirrored[1::2]):
+        assert (p.min_size, p.hflip, q.min_size, q.hflip) == (p.min_size, False, p.min_size, True)
+        assert len(a["scores"]) == len(b["scores"]) > 0
+        torch.testing.assert_close(b["scores"], a["scores"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b["boxes"], hflip_boxes(a["boxes"], 128), rtol=1e-4, atol=1e-3)
+        assert torch.equal(b["labels"], a["labels"])
