@@ -93,8 +93,9 @@ class SyntheticSpec:
     num_classes: int = 5
     seed: int = 0
     min_object_size: float = 8.0
-    max_object_fraction: float = 0.85  # largest object side, as a fraction of the shorter side
+    max_object_fraction: float = 0.9  # largest object side, as a fraction of sqrt(image area)
     max_objects: int = 8  # per ordinary image
+    dominant_fraction: float = 0.25  # images with one object filling most of the frame
     crowded_fraction: float = 0.15  # images with many small objects
     crowd_region_fraction: float = 0.1  # images with one iscrowd=1 cluster
     max_occlusion: float = 0.5  # a new object may hide at most this share of an earlier box
@@ -159,7 +160,7 @@ def _inter(a: np.ndarray, b: np.ndarray) -> float:
 def _place(rng, h, w, side, aspect, placed, max_occ, tries=20):
     """A box ``[x1, y1, x2, y2]`` of the given size that hides at most ``max_occ`` of every placed box."""
     bw, bh = side * math.sqrt(aspect), side / math.sqrt(aspect)
-    bw, bh = min(bw, 0.95 * w), min(bh, 0.95 * h)
+    bw, bh = min(bw, float(w)), min(bh, float(h))
     for _ in range(tries):
         # Up to 25% of an object may fall outside the image (truncation, as in real photos).
         x1 = rng.uniform(-0.25 * bw, w - 0.75 * bw)
@@ -209,14 +210,16 @@ def render_image(spec: SyntheticSpec, split: str, index: int):
 
     crowded = rng.random() < spec.crowded_fraction
     n = int(rng.integers(12, 31)) if crowded else int(rng.integers(1, spec.max_objects + 1))
-    max_side = spec.max_object_fraction * min(h, w)
-    for _ in range(n):
+    # Log-uniform sides: equal counts per octave, i.e. per FPN level. Crowded images hold small ones.
+    top = math.sqrt(h * w) * (0.2 if crowded else spec.max_object_fraction)
+    sides = np.exp(rng.uniform(math.log(spec.min_object_size), math.log(max(spec.min_object_size, top)), size=n))
+    if not crowded and rng.random() < spec.dominant_fraction:
+        # One object filling most of the frame (a close-up), so the coarsest level has work too.
+        sides[0] = rng.uniform(0.9, 1.4) * math.sqrt(h * w)
+    # Large first: later (smaller) objects then occlude parts of earlier ones, as in photos.
+    for side in np.sort(sides)[::-1]:
         if len(objects) >= 254:
             break
-        if crowded:
-            side = math.exp(rng.uniform(math.log(spec.min_object_size), math.log(max(spec.min_object_size, min(h, w) / 5))))
-        else:
-            side = math.exp(rng.uniform(math.log(spec.min_object_size), math.log(max_side)))
         aspect = math.exp(rng.uniform(-0.5, 0.5))
         box = _place(rng, h, w, side, aspect, placed, spec.max_occlusion)
         if box is None:
