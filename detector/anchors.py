@@ -19,6 +19,9 @@ def cell_anchors(stride: int, anchor_scale: float, scales_per_octave: int,
 
     Side of the square anchor: ``anchor_scale * stride * 2 ** (i / scales_per_octave)``;
     a ratio ``r = h / w`` keeps the area. Order: ratio outer, scale inner (maskrcnn-benchmark).
+    Half-sides are rounded to 1/16 px (the official code rounds to whole pixels) so that
+    ``centre +- half`` is exact in float32 and every shape of a location has exactly the location's
+    centre as its midpoint: ties in centre distance then cover whole locations.
     """
     rows = []
     for ratio in aspect_ratios:
@@ -26,7 +29,8 @@ def cell_anchors(stride: int, anchor_scale: float, scales_per_octave: int,
             size = anchor_scale * stride * 2.0 ** (i / scales_per_octave)
             w = size / math.sqrt(ratio)
             h = size * math.sqrt(ratio)
-            rows.append([-w / 2, -h / 2, w / 2, h / 2])
+            hw, hh = round(w * 8) / 16, round(h * 8) / 16
+            rows.append([-hw, -hh, hw, hh])
     return torch.tensor(rows, dtype=torch.float32)
 
 

@@ -12,6 +12,7 @@ into the padded ``Gmax`` axis. The single-image functions are the batched ones w
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -71,14 +72,18 @@ def _check_batch(anchors: Tensor, gt_boxes: Tensor, gt_valid: Tensor | None) -> 
 
 # ---------------------------------------------------------------------------- ATSS
 def atss_candidates(anchor_centers: Tensor, num_anchors_per_level: Sequence[int], gt_centers: Tensor,
-                    k_per_level: int) -> Tensor:
+                    k_per_level: int, anchors_per_location: int = 1, window: bool = True) -> Tensor:
     """Per level, the ``min(k_per_level, anchors_in_level)`` anchors closest to each GT centre.
 
-    anchor_centers float[N, 2], gt_centers float[M, 2] -> int64[M, K] global anchor indices,
-    levels concatenated. Distances are squared L2 in float32; equal distances go to the lower
-    anchor index, which makes the selection deterministic: the float32 bit pattern of a non-negative
-    float orders like the float, so ``(bits << 20) | index`` is a unique int64 key per anchor.
-    Work is done in blocks of ground truths so memory stays bounded whatever M is.
+    anchor_centers float[N, 2], gt_centers float[M, 2] -> int64[M, K] global anchor indices, levels
+    concatenated, each level's block ordered by (distance, index). Distances are squared L2 in
+    float32; equal distances go to the lower anchor index, so the selection is deterministic.
+
+    When a level's centres form a regular grid (as the model's anchors do) only a window of
+    locations around each GT centre is searched, and a row is accepted only if every anchor
+    outside its window is provably farther than its k-th candidate; other rows (and levels that are
+    not grids) search the whole level in blocks of GTs, so memory stays bounded whatever M is.
+    Both searches give the same result, bit for bit (``window=False`` forces the exhaustive one).
     """
     ac = anchor_centers.float()
     gc = gt_centers.float()
@@ -89,24 +94,25 @@ def atss_candidates(anchor_centers: Tensor, num_anchors_per_level: Sequence[int]
         n_l = int(n_l)
         if n_l == 0:
             continue
-        if n_l >= 1 << 20:
-            raise ValueError(f"a level with {n_l} anchors exceeds the assigner's limit of 2**20 per level")
         kk = min(k_per_level, n_l)
         ax = ac[start:start + n_l, 0]
         ay = ac[start:start + n_l, 1]
-        index = torch.arange(n_l, device=ac.device)
         level_idx = torch.empty(m, kk, dtype=torch.long, device=ac.device)
+        todo = torch.arange(m, device=ac.device)
+        grid = _level_grid(ac[start:start + n_l], anchors_per_location) if window else None
+        if grid is not None and m > 0:
+            found, ok = _window_candidates(ax, ay, gc, kk, anchors_per_location, grid)
+            if found is not None:
+                level_idx[ok] = found[ok]
+                todo = (~ok).nonzero(as_tuple=True)[0]
         block = max(1, _BLOCK_ELEMENTS // n_l)
-        for m0 in range(0, m, block):
-            g = gc[m0:m0 + block]
+        for m0 in range(0, todo.numel(), block):
+            rows = todo[m0:m0 + block]
+            g = gc[rows]
             d2 = (ax[None, :] - g[:, 0:1]).square_()
             d2 += (ay[None, :] - g[:, 1:2]).square_()
-            key = d2.view(torch.int32).to(torch.long)
+            level_idx[rows] = _smallest_stable(d2, kk)
             del d2
-            key <<= 20
-            key |= index
-            level_idx[m0:m0 + block] = key.topk(kk, dim=1, largest=False, sorted=True).indices
-            del key
         out.append(level_idx + start)
         start += n_l
     if start != ac.shape[0]:
@@ -114,6 +120,104 @@ def atss_candidates(anchor_centers: Tensor, num_anchors_per_level: Sequence[int]
     if not out:
         return torch.empty(m, 0, dtype=torch.long, device=ac.device)
     return torch.cat(out, dim=1)
+
+
+def _level_grid(centers: Tensor, a: int) -> tuple[int, int, float, float, float, float, float] | None:
+    """Recognise a level laid out as (row, col, anchor-type) on a regular grid.
+
+    centers float[n, 2] -> (H, W, x0, y0, sx, sy, tol): location (row, col) is nominally at
+    ``(x0 + col * sx, y0 + row * sy)`` and every anchor centre lies within ``tol`` of it; None if
+    the level is not such a grid (then the assigner searches it exhaustively)."""
+    n = centers.shape[0]
+    if a < 1 or n % a:
+        return None
+    c = centers.double()
+    loc = c.view(-1, a, 2)[:, 0]
+    p = loc.shape[0]
+    y = loc[:, 1]
+    steps = (y[1:] - y[:-1]).abs() > 1e-6 * (1.0 + y[1:].abs())
+    w = int(steps.nonzero()[0, 0]) + 1 if bool(steps.any()) else p
+    if p % w:
+        return None
+    h = p // w
+    x0, y0 = float(loc[0, 0]), float(loc[0, 1])
+    sx = float(loc[w - 1, 0] - loc[0, 0]) / (w - 1) if w > 1 else 1.0
+    sy = float(loc[(h - 1) * w, 1] - loc[0, 1]) / (h - 1) if h > 1 else 1.0
+    if not (sx > 0 and sy > 0):
+        return None
+    idx = torch.arange(n, device=c.device) // a
+    nominal = torch.stack([x0 + (idx % w).double() * sx, y0 + (idx // w).double() * sy], dim=1)
+    tol = float((c - nominal).norm(dim=1).max())
+    if not tol <= 0.01 * min(sx, sy):
+        return None
+    return h, w, x0, y0, sx, sy, tol
+
+
+def _window_candidates(ax: Tensor, ay: Tensor, gc: Tensor, kk: int, a: int,
+                       grid: tuple[int, int, float, float, float, float, float]) -> tuple[Tensor | None, Tensor]:
+    """Candidates of one grid level searched in a window around each GT centre.
+
+    -> (int64[M, kk] level-local indices, bool[M] rows proven exact), or (None, _) if the window
+    cannot hold ``kk`` anchors."""
+    h, w, x0, y0, sx, sy, tol = grid
+    k_loc = -(-kk // a)
+    r = int(math.ceil((math.sqrt(k_loc) - 1) / 2)) + 1
+    wr, wc = min(h, 2 * r + 1), min(w, 2 * r + 1)
+    if wr * wc * a < kk:
+        return None, torch.zeros(gc.shape[0], dtype=torch.bool, device=gc.device)
+    dev = gc.device
+    gx, gy = gc[:, 0].double(), gc[:, 1].double()
+    row0 = torch.round((gy - y0) / sy).clamp(0, h - 1).long()
+    col0 = torch.round((gx - x0) / sx).clamp(0, w - 1).long()
+    r_lo = (row0 - r).clamp(0, h - wr)
+    c_lo = (col0 - r).clamp(0, w - wc)
+    rows = r_lo[:, None, None, None] + torch.arange(wr, device=dev)[None, :, None, None]
+    cols = c_lo[:, None, None, None] + torch.arange(wc, device=dev)[None, None, :, None]
+    idx = ((rows * w + cols) * a + torch.arange(a, device=dev)[None, None, None, :]).reshape(gc.shape[0], -1)
+    d2 = (ax[idx] - gc[:, 0:1]).square_()
+    d2 += (ay[idx] - gc[:, 1:2]).square_()
+    pick = _smallest_stable(d2, kk)
+    kth = d2.gather(1, pick[:, -1:]).squeeze(1).double().sqrt()
+    # Lower bound on the distance from the GT centre to any anchor outside the window: such an
+    # anchor lies beyond the window's first/last row or column, and inside the grid's extent
+    # along the other axis (nominal positions; the grid tolerance is subtracted below).
+    inf = torch.full_like(gx, math.inf)
+    zero = torch.zeros_like(gx)
+    out_x = torch.maximum(torch.maximum(x0 - gx, gx - (x0 + (w - 1) * sx)), zero)  # gap to the grid's x-span
+    out_y = torch.maximum(torch.maximum(y0 - gy, gy - (y0 + (h - 1) * sy)), zero)
+    left = torch.where(c_lo > 0, gx - (x0 + (c_lo - 1).double() * sx), inf)
+    right = torch.where(c_lo + wc < w, x0 + (c_lo + wc).double() * sx - gx, inf)
+    top = torch.where(r_lo > 0, gy - (y0 + (r_lo - 1).double() * sy), inf)
+    bottom = torch.where(r_lo + wr < h, y0 + (r_lo + wr).double() * sy - gy, inf)
+    bound = torch.minimum(torch.minimum(left, right).hypot(out_y), torch.minimum(top, bottom).hypot(out_x))
+    ok = kth < bound - tol - 1e-5 * (1.0 + bound.clamp(max=1e12))
+    return idx.gather(1, pick), ok
+
+
+def _smallest_stable(d: Tensor, k: int) -> Tensor:
+    """Column indices of the ``k`` smallest values of each row of ``d`` float[M, n], ordered by
+    (value, index) -> int64[M, k].
+
+    ``torch.topk`` breaks ties in an implementation-defined way, so it fetches ``2k`` values and the
+    ties are re-ordered by index among those. That is exact whenever the ``2k``-th value is larger
+    than the ``k``-th (all ties at the cut were fetched); the rare rows where it is not are redone
+    with a unique int64 key (the float bits, which order like non-negative floats, then the index).
+    """
+    n = d.shape[1]
+    kq = min(n, 2 * k)
+    vals, idx = d.topk(kq, dim=1, largest=False, sorted=True)
+    idx, perm = idx.sort(dim=1)
+    vals = vals.gather(1, perm)
+    vals, perm = vals.sort(dim=1, stable=True)
+    result = idx.gather(1, perm[:, :k])
+    if kq < n:
+        unsure = (vals[:, kq - 1] <= vals[:, k - 1]).nonzero(as_tuple=True)[0]
+        if unsure.numel():
+            key = d[unsure].contiguous().view(torch.int32).to(torch.long)
+            key <<= 20  # levels are limited to 2**20 anchors, checked by the caller
+            key |= torch.arange(n, device=d.device)
+            result[unsure] = key.topk(k, dim=1, largest=False, sorted=True).indices
+    return result
 
 
 def atss_assign_batched(anchors: Tensor, num_anchors_per_level: Sequence[int], gt_boxes: Tensor,
@@ -134,13 +238,15 @@ def atss_assign_batched(anchors: Tensor, num_anchors_per_level: Sequence[int], g
     valid = _check_batch(anchors, gt_boxes, gt_valid)
     b, g = gt_boxes.shape[:2]
     n = anchors.shape[0]
+    if max((int(c) for c in num_anchors_per_level), default=0) >= 1 << 20:
+        raise ValueError("a level with 2**20 or more anchors exceeds the ATSS assigner's limit")
     result = torch.full((b, n), BACKGROUND, dtype=torch.long, device=anchors.device)
     img, gt = valid.nonzero(as_tuple=True)  # one row per real GT of the batch
     if img.numel() == 0 or n == 0:
         return result
     boxes = gt_boxes[img, gt].to(anchors.dtype)  # [M, 4]
     cand = atss_candidates(box_centers(anchors), num_anchors_per_level, box_centers(boxes),
-                           topk * anchors_per_location)  # [M, K]
+                           topk * anchors_per_location, anchors_per_location)  # [M, K]
     cand_boxes = anchors[cand]  # [M, K, 4]
     ious = pairwise_iou(cand_boxes, boxes[:, None, :])  # [M, K]
     std = ious.std(dim=1) if ious.shape[1] > 1 else torch.zeros_like(ious[:, 0])
