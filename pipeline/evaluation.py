@@ -21,6 +21,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -365,3 +366,124 @@ def write_results_json(results: Sequence[dict], path: str | os.PathLike) -> Path
 def _plain(det: Mapping) -> dict:
     return {"image_id": int(det["image_id"]), "category_id": int(det["category_id"]),
             "bbox": [float(v) for v in det["bbox"]], "score": float(det["score"])}
+
+
+# ----------------------------------------------------------------------------------------------
+# inference over a whole split, sharded over Ray tasks (jobs/evaluate.py, jobs/testdev.py)
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class InferenceSpec:
+    """What every shard needs besides the weights; plain values, so it pickles to Ray workers.
+
+    ``ann_file`` is an instances or image-info json (or Parquet index) and ``image_dir`` its images.
+    Images are resized to ``test_min_size`` / ``max_size`` as in training; with ``tta`` (a
+    ``TTAConfig.to_dict()``) the original images go through :mod:`pipeline.tta` instead.
+    """
+
+    ann_file: str
+    image_dir: str
+    test_min_size: int = 800
+    max_size: int = 1333
+    batch_size: int = 2
+    device: str = "cpu"
+    amp: bool = False
+    tta: dict | None = None
+    loader_workers: int = 0
+    max_bad_fraction: float = 0.0  # a submission must cover every image: fail on unreadable ones
+
+
+def load_model_state(source: str | os.PathLike) -> dict:
+    """Weights + detector config + categories (+ train config, extra) of a checkpoint directory,
+    ``state.pt`` or MLflow model URI, without optimizer state: small enough for the object store.
+    The weights are checked against the config here, so a bad checkpoint fails before any worker
+    starts."""
+    from pipeline import checkpoint as ckpt
+
+    source = str(source)
+    if ckpt.is_mlflow_uri(source):
+        model, cfg, meta = ckpt.load_detector(source)
+        state = {"model": model.state_dict(), "detector_config": cfg.to_dict(),
+                 "data": {"categories": meta.get("categories", [])},
+                 "train_config": meta.get("train_config", {}), "extra": dict(meta.get("extra", {}))}
+    else:
+        full = ckpt.load_state(source)
+        ckpt.detector_from_state(full)
+        state = {k: full[k] for k in ("model", "detector_config", "data", "train_config", "extra")
+                 if k in full}
+    state["source"] = source
+    return state
+
+
+def model_category_map(state: dict, fallback=None):
+    """The checkpoint's label -> COCO id map (``CategoryMap``); ``fallback`` when it has none."""
+    from pipeline.data import CategoryMap
+
+    cats = state.get("data", {}).get("categories") or []
+    if cats:
+        return CategoryMap.from_list(cats)
+    if fallback is None:
+        raise ValueError(f"checkpoint {state.get('source', '')} stores no categories and no "
+                         "dataset category map was given")
+    return fallback
+
+
+def predict_shard(state: dict, spec: InferenceSpec, shard: int = 0, num_shards: int = 1) -> list[dict]:
+    """COCO results of shard ``shard`` of ``num_shards`` (contiguous blocks of images, together
+    covering every image exactly once). Runs in-process or as a Ray task."""
+    from torch.utils.data import DataLoader
+
+    from detector import build_detector
+    from detector.config import DetectorConfig
+    from pipeline.data import CocoDetection, DetectionTransform, InferenceBatchSampler, collate
+    from pipeline.tta import OriginalImage, TTAConfig, collate_original, predict_tta
+
+    device = torch.device(spec.device)
+    det_cfg = DetectorConfig.from_dict(state["detector_config"])
+    model = build_detector(det_cfg)
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    transform = OriginalImage() if spec.tta else DetectionTransform(spec.test_min_size, spec.max_size, 0.0)
+    ds = CocoDetection(spec.ann_file, spec.image_dir, train=False, transform=transform,
+                       max_bad_fraction=spec.max_bad_fraction)
+    cmap = model_category_map(state, ds.category_map)
+    if cmap.num_classes != det_cfg.num_classes:
+        raise ValueError(f"checkpoint has {det_cfg.num_classes} classes but {cmap.num_classes} categories")
+    unknown = sorted(set(cmap.ids) - set(ds.category_map.ids))
+    if unknown:
+        raise ValueError(f"the model's COCO category id(s) {unknown} are not categories of {spec.ann_file}")
+    sampler = InferenceBatchSampler(len(ds), spec.batch_size, num_replicas=num_shards, rank=shard)
+    loader = DataLoader(ds, batch_sampler=sampler, num_workers=spec.loader_workers,
+                        collate_fn=collate_original if spec.tta else collate)
+    if spec.tta:
+        outputs = predict_tta(model, loader, device, TTAConfig.from_dict(spec.tta), amp=spec.amp)
+    else:
+        outputs = predict(model, loader, device, amp=spec.amp)
+    return to_coco_results(outputs, category_map=cmap)
+
+
+def predict_sharded(state: dict, spec: InferenceSpec, workers: int = 0) -> list[dict]:
+    """COCO results for every image of ``spec.ann_file``.
+
+    ``workers=0`` runs in this process (GPU machines without Ray); ``workers=N`` runs N Ray tasks
+    (one CPU each, plus one GPU each when ``spec.device`` is CUDA), attaching to the running Ray
+    cluster or starting a local one. The weights travel once through the object store.
+    """
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    if workers == 0:
+        return predict_shard(state, spec)
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    gpus = 1 if torch.device(spec.device).type == "cuda" else 0
+    task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=0)(predict_shard)
+    state_ref = ray.put(state)
+    futures = [task.remote(state_ref, spec, shard, workers) for shard in range(workers)]
+    try:
+        shards = ray.get(futures)
+    except ray.exceptions.RayTaskError as e:
+        for f in futures:
+            ray.cancel(f, force=True)
+        raise e.as_instanceof_cause() from None
+    return [det for shard in shards for det in shard]

@@ -123,6 +123,17 @@ class TTAConfig:
     def replace(self, **changes) -> "TTAConfig":
         return dataclasses.replace(self, **changes)
 
+    def scaled_to(self, test_min_size: int, test_max_size: int) -> "TTAConfig":
+        """The same augmentation for a model tested at another size: every scale, the large-scale
+        cap and the area ranges (pixels of each scale) change by ``test_min_size / 800``, so each
+        pass sees objects at the same relative size. At 800 / 1333 this is the paper's setting."""
+        f = test_min_size / self.test_min_size
+        return self.replace(
+            test_min_size=int(test_min_size), test_max_size=int(test_max_size),
+            scales=tuple(max(1, round(s * f)) for s in self.scales),
+            scale_ranges=tuple((lo * f, hi * f) for lo, hi in self.scale_ranges),
+            max_size=max(int(test_max_size), round(self.max_size * f)))
+
 
 def scale_passes(cfg: TTAConfig) -> list[TTAPass]:
     return cfg.passes()

@@ -1,0 +1,198 @@
+"""COCO test-dev submission: run a trained detector over the test-dev images, validate, zip, log.
+
+    python jobs/testdev.py --checkpoint runs:/<run id>/model --data coco:/data/coco --name atss_r50 --workers 8
+    python jobs/testdev.py --checkpoint CKPT_DIR --image-info image_info_test-dev2017.json \
+        --images test2017/ --name atss_x101_tta --tta --device cuda --workers 0
+    python jobs/testdev.py --validate out/detections_test-dev2017_atss_r50_results.zip \
+        --image-info image_info_test-dev2017.json     # check an existing file before uploading
+
+Writes ``<out>/detections_test-dev2017_<name>_results.json`` (image_id, original COCO
+category_id, bbox [x, y, w, h] in original pixels, score) and the ``.zip`` the server expects,
+after checking that every image is covered, every category exists, at most ``--max-dets``
+detections per image, scores are finite in [0, 1], boxes lie inside their image with positive
+size, and that pycocotools ``COCO.loadRes`` reads the file. A failed check names the image and
+the field, and nothing is written.
+
+Both files are logged as artifacts (``testdev/``) of the MLflow run that produced the checkpoint
+(the run of a ``runs:/`` or ``models:/`` URI, the run id recorded in a local checkpoint, or
+``--run-id``); otherwise of a new run tagged with the checkpoint path. ``--no-mlflow`` skips this.
+Images are sharded over ``--workers`` Ray tasks; ``--workers 0`` runs in this process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "jobs"))
+
+from evaluate import add_model_arguments, data_config_of, resolve_device, tta_config  # noqa: E402
+
+
+def source_run_id(checkpoint: str, state: dict, tracking_uri: str) -> str | None:
+    """The MLflow run a checkpoint came from: ``runs:/<id>/...``, a registered model version's
+    run, or the run id a training run stored in the checkpoint (``extra.mlflow_run_id``)."""
+    if checkpoint.startswith("runs:/"):
+        rest = checkpoint[len("runs:/"):]
+        run_id = rest.split("/", 1)[0]
+        if not run_id:
+            raise ValueError(f"{checkpoint}: no run id after runs:/")
+        return run_id
+    if checkpoint.startswith("models:/"):
+        from mlflow import MlflowClient
+
+        # the registry lives in the same store (MLflow would otherwise open ./mlflow.db)
+        client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+        ref = checkpoint[len("models:/"):].strip("/")
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return client.get_model_version_by_alias(name, alias).run_id
+        name, _, version = ref.rpartition("/")
+        if not name:
+            raise ValueError(f"{checkpoint}: expected models:/<name>/<version> or models:/<name>@<alias>")
+        if version == "latest":
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise ValueError(f"{checkpoint}: registered model {name!r} has no versions")
+            return max(versions, key=lambda v: int(v.version)).run_id
+        return client.get_model_version(name, version).run_id
+    return (state.get("extra") or {}).get("mlflow_run_id") or None
+
+
+def log_submission(paths, checkpoint: str, state: dict, tracking_uri: str, experiment: str,
+                   run_id: str | None, name: str, summary: dict) -> str:
+    """Log the json + zip to the checkpoint's run (or ``run_id``), else to a new run linked to
+    the checkpoint by tags; returns the run id used."""
+    from mlflow import MlflowClient
+
+    from pipeline import tracking
+
+    client = MlflowClient(tracking_uri)
+    run_id = run_id or source_run_id(checkpoint, state, tracking_uri)
+    if run_id:
+        client.get_run(run_id)  # fails clearly when the run is not in this tracking store
+    else:
+        run_id = tracking.create_run(tracking_uri, experiment, run_name=f"testdev-{name}",
+                                     tags={"atss.job": "testdev", "atss.checkpoint": checkpoint})
+        client.set_terminated(run_id, "FINISHED")
+    for p in paths:
+        client.log_artifact(run_id, str(p), artifact_path="testdev")
+    client.set_tag(run_id, f"testdev.{name}.detections", str(summary["detections"]))
+    client.set_tag(run_id, f"testdev.{name}.tta", str(summary["tta"]))
+    return run_id
+
+
+def main(argv=None) -> dict:
+    from pipeline.submission import DEFAULT_MAX_PER_IMAGE
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--image-info", help="image-info json (image_info_test-dev2017.json)")
+    ap.add_argument("--images", help="its image folder (test2017/)")
+    ap.add_argument("--data", help="'coco:/root' instead of --image-info/--images "
+                                   "(root/annotations/image_info_test-dev2017.json, root/test2017)")
+    ap.add_argument("--name", default="atss", help="the <name> in detections_test-dev2017_<name>_results.json")
+    ap.add_argument("--out", default="submissions", help="output folder")
+    ap.add_argument("--allow-missing-images", action="store_true",
+                    help="accept images without any detection (otherwise a failed check)")
+    ap.add_argument("--validate", metavar="FILE", help="only validate an existing .json/.zip submission")
+    ap.add_argument("--mlflow-uri", default=None, help="tracking URI (default: MLFLOW_TRACKING_URI "
+                                                       "or sqlite:///<cwd>/mlflow.db)")
+    ap.add_argument("--experiment", default=None, help="experiment of a new run (default: atss)")
+    ap.add_argument("--run-id", default=None, help="log into this MLflow run")
+    ap.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    ap.add_argument("--json", action="store_true", help="print a JSON summary on the last line")
+    add_model_arguments(ap)
+    ap.set_defaults(max_dets=DEFAULT_MAX_PER_IMAGE)
+    args = ap.parse_args(argv)
+
+    if args.validate:
+        return _validate_only(args, ap)
+    if not args.checkpoint:
+        ap.error("--checkpoint is required (or --validate FILE)")
+    return _run(args, ap)
+
+
+def _image_info(args, ap, data_cfg=None) -> tuple[str, str]:
+    from pipeline.data import resolve_split
+
+    if args.image_info or args.images:
+        if not args.image_info:
+            ap.error("--images needs --image-info")
+        return args.image_info, args.images
+    if args.data:
+        return resolve_split(data_cfg.replace(source=args.data, test_ann=None, test_images=None), "test")
+    ap.error("give --image-info and --images, or --data coco:/root")
+
+
+def _validate_only(args, ap) -> dict:
+    from pipeline.data import DataConfig
+    from pipeline.submission import validate_submission_file
+
+    info, _ = _image_info(args, ap, DataConfig())
+    n = validate_submission_file(args.validate, info, args.max_dets,
+                                 require_all_images=not args.allow_missing_images)
+    summary = {"file": str(args.validate), "detections": n, "valid": True}
+    print(f"{args.validate}: valid, {n} detections")
+    if args.json:
+        print(json.dumps(summary))
+    return summary
+
+
+def _run(args, ap) -> dict:
+    from pipeline import tracking
+    from pipeline.evaluation import InferenceSpec, load_model_state, predict_sharded
+    from pipeline.submission import cap_per_image, load_image_info, submission_filename, write_submission
+
+    submission_filename(args.name)  # a bad name fails before any inference
+    t0 = time.perf_counter()
+    state = load_model_state(args.checkpoint)
+    data_cfg = data_config_of(state)
+    info_path, images = _image_info(args, ap, data_cfg)
+    if not images:
+        ap.error("--image-info needs --images (the image folder)")
+    info = load_image_info(info_path)
+    test_min = args.test_min_size or data_cfg.test_min_size
+    max_size = args.max_size or data_cfg.max_size
+    tta = tta_config(args, test_min, max_size)
+    spec = InferenceSpec(ann_file=str(info_path), image_dir=str(images), test_min_size=test_min,
+                         max_size=max_size, batch_size=args.batch_size, device=resolve_device(args.device),
+                         amp=args.amp, tta=tta.to_dict() if tta else None, max_bad_fraction=0.0)
+    results = predict_sharded(state, spec, args.workers)
+    results = cap_per_image(results, args.max_dets)
+    t_infer = time.perf_counter() - t0
+    json_path, zip_path = write_submission(results, info, args.out, args.name, args.max_dets,
+                                           require_all_images=not args.allow_missing_images)
+    summary = {"json": str(json_path), "zip": str(zip_path), "images": len(info["images"]),
+               "detections": len(results), "tta": bool(tta), "inference_s": round(t_infer, 2),
+               "run_id": None}
+    if not args.no_mlflow:
+        uri = tracking.absolute_tracking_uri(args.mlflow_uri) if args.mlflow_uri \
+            else tracking.default_tracking_uri()
+        summary["run_id"] = log_submission(
+            (json_path, zip_path), args.checkpoint, state, uri, args.experiment or tracking.DEFAULT_EXPERIMENT,
+            args.run_id, args.name, summary)
+        summary["tracking_uri"] = uri
+    print(f"{json_path.name}: {summary['detections']} detections on {summary['images']} images "
+          f"({'TTA' if tta else 'single scale'}, {t_infer:.1f} s); zip: {zip_path}"
+          + (f"; logged to MLflow run {summary['run_id']}" if summary["run_id"] else ""))
+    if args.json:
+        print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    from pipeline.submission import SubmissionError
+
+    try:
+        main()
+    except SubmissionError as e:
+        print(f"submission rejected: {e}", file=sys.stderr)
+        sys.exit(3)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
