@@ -1,0 +1,210 @@
+"""Train ATSS on Ray Train (or in this process), log to MLflow, print the COCO AP reached.
+
+    python jobs/train.py                                   # tiny preset, synthetic data, local Ray: a few minutes on 2 CPUs
+    python jobs/train.py --preset atss_r50 --data coco:/data/coco --workers 8 --use-gpu \\
+        --schedule 1x --storage-path s3://bucket/atss --name r50_1x --max-failures 3
+    ray job submit --working-dir . -- python jobs/train.py --preset atss_r50 --data coco:/data/coco ...
+    python jobs/train.py --name r50_1x --resume ...        # continue a run from its latest checkpoint
+
+Re-running with the same ``--name`` (and storage path) resumes that run from its latest
+checkpoint; ``--resume`` additionally makes "nothing to resume" an error. ``--batch-size`` is the
+global batch; LR and a named schedule follow the linear scaling rule from 0.01 at 16 images (the log
+says what was applied). ``--workers 0`` trains in this process without Ray.
+
+Defaults: ``MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db``; checkpoints in ``<cwd>/ray_results``.
+Under ``ray job submit`` the cwd is a temporary copy of the working dir, so pass ``--storage-path``
+(shared storage on a multi-node cluster) and ``MLFLOW_TRACKING_URI`` for results that outlive the job.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# What the default (no-argument) run uses on a CPU box: bench/scaling.py and docs/training.md
+# explain the numbers. One Ray worker with both cores' threads beats two 1-thread workers here.
+TINY_DEFAULTS = dict(batch_size=8, iterations=300, base_lr=0.02, log_period=20, checkpoint_period=100)
+DEFAULT_WORKERS_CPU = 1
+
+
+def _literal(text: str):
+    """``KEY=VALUE`` values: JSON where it parses (numbers, lists, true/null), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _pairs(items: list[str] | None, flag: str) -> dict:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: {flag} expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = _literal(value)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = ap.add_argument_group("model and data")
+    m.add_argument("--config", help="a TrainConfig as a YAML/JSON file; the flags below override it")
+    m.add_argument("--preset", help="detector preset (default tiny): atss_r50, retinanet_r50, fcos_r50, tiny, ...")
+    m.add_argument("--detector", action="append", metavar="KEY=VALUE",
+                   help="DetectorConfig override, e.g. --detector topk=5 (repeatable)")
+    m.add_argument("--data", help="synthetic (default) | coco:/path/to/coco | files")
+    m.add_argument("--data-opt", action="append", metavar="KEY=VALUE",
+                   help="DataConfig field, e.g. --data-opt train_ann=/x/a.json --data-opt num_workers=4")
+    o = ap.add_argument_group("optimisation")
+    o.add_argument("--batch-size", type=int, help="global images per iteration (paper 16)")
+    o.add_argument("--batch-per-worker", type=int, help="images per worker (global = this x workers)")
+    o.add_argument("--schedule", choices=["1x", "2x"], help="the paper's schedule, scaled to the batch")
+    o.add_argument("--iterations", type=int, help="explicit run length instead of --schedule")
+    o.add_argument("--lr-steps", help="comma-separated iterations of the x0.1 LR steps")
+    o.add_argument("--base-lr", type=float, help="LR at the reference batch of 16 (paper 0.01)")
+    o.add_argument("--no-lr-scaling", action="store_true", help="use --base-lr as is, whatever the batch")
+    o.add_argument("--warmup-iters", type=int, help="constant 1/3 warm-up length (default: 500 scaled)")
+    o.add_argument("--max-grad-norm", type=float, help="clip gradients to this norm (paper: no clipping)")
+    o.add_argument("--no-amp", action="store_true", help="no bf16 autocast on GPU")
+    o.add_argument("--seed", type=int)
+    r = ap.add_argument_group("cluster and fault tolerance")
+    r.add_argument("--workers", type=int, help=f"Ray Train workers (default: {DEFAULT_WORKERS_CPU} on CPU, "
+                                               "all GPUs with --use-gpu); 0 = this process, no Ray")
+    r.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL")
+    r.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (Ray default 1)")
+    r.add_argument("--max-failures", type=int, default=0,
+                   help="worker-group restarts from the last checkpoint before giving up (-1: forever)")
+    r.add_argument("--storage-path", help="absolute path or URI (s3://...) for checkpoints (default <cwd>/ray_results)")
+    r.add_argument("--name", help="run name; the same name resumes (default atss_<preset>_<time>)")
+    r.add_argument("--resume", action="store_true", help="require an existing checkpoint of --name")
+    r.add_argument("--checkpoint-period", type=int, help="iterations between checkpoints (paper 2500)")
+    r.add_argument("--fail-at-iteration", type=int, help=argparse.SUPPRESS)  # fault-injection tests
+    e = ap.add_argument_group("evaluation and tracking")
+    e.add_argument("--eval-period", type=int, help="also evaluate every N iterations (default: at the end only)")
+    e.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    e.add_argument("--log-period", type=int, help="iterations between progress lines / MLflow metrics")
+    e.add_argument("--mlflow-uri", help="tracking URI (default MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
+    e.add_argument("--experiment", help="MLflow experiment (default atss)")
+    e.add_argument("--tag", action="append", metavar="KEY=VALUE", help="MLflow run tag (repeatable)")
+    e.add_argument("--register-model", help="also register the final model under this name")
+    e.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, train nothing")
+    e.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+    return ap
+
+
+def config_from_args(args) -> tuple["TrainConfig", int]:  # noqa: F821
+    """The TrainConfig and worker count of the command line (raises ValueError on a bad combination)."""
+    from pipeline.train import TrainConfig, _is_tiny
+
+    base: dict = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"--config file not found: {path}")
+        import yaml
+
+        base = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(base, dict):
+            raise ValueError(f"--config {path}: expected a mapping of TrainConfig fields")
+    preset = args.preset or base.get("preset", "tiny")
+    base["preset"] = preset
+    explicit_length = args.schedule or args.iterations or "schedule" in base or "iterations" in base
+    if _is_tiny(preset):
+        for k, v in TINY_DEFAULTS.items():
+            if k == "iterations" and explicit_length:
+                continue
+            base.setdefault(k, v)
+    if args.schedule:
+        base.update(schedule=args.schedule, iterations=None)
+    if args.iterations is not None:
+        base["iterations"] = args.iterations
+    workers = args.workers
+    if workers is None:
+        workers = _gpu_count() if args.use_gpu else DEFAULT_WORKERS_CPU
+    if args.batch_size is not None and args.batch_per_worker is not None:
+        raise ValueError("give --batch-size (global) or --batch-per-worker, not both")
+    if args.batch_per_worker is not None:
+        base["batch_size"] = args.batch_per_worker * max(workers, 1)
+    simple = {"batch_size": args.batch_size, "base_lr": args.base_lr, "warmup_iters": args.warmup_iters,
+              "max_grad_norm": args.max_grad_norm, "seed": args.seed, "storage_path": args.storage_path,
+              "run_name": args.name, "checkpoint_period": args.checkpoint_period,
+              "eval_period": args.eval_period, "log_period": args.log_period, "mlflow_uri": args.mlflow_uri,
+              "mlflow_experiment": args.experiment, "register_model": args.register_model,
+              "fail_at_iteration": args.fail_at_iteration}
+    base.update({k: v for k, v in simple.items() if v is not None})
+    if args.lr_steps:
+        base["lr_steps"] = [int(s) for s in args.lr_steps.split(",") if s.strip()]
+    if args.no_lr_scaling:
+        base["scale_lr"] = False
+    if args.no_amp:
+        base["amp"] = False
+    if args.no_eval:
+        base["eval_at_end"] = False
+    base["detector"] = {**base.get("detector", {}), **_pairs(args.detector, "--detector")}
+    data = {**base.get("data", {}), **_pairs(args.data_opt, "--data-opt")}
+    if args.data:
+        data["source"] = args.data
+    base["data"] = data
+    base["mlflow_tags"] = {**base.get("mlflow_tags", {}), **_pairs(args.tag, "--tag")}
+    return TrainConfig.from_dict(base), workers
+
+
+def _gpu_count() -> int:
+    import torch
+
+    n = torch.cuda.device_count()
+    if n == 0:
+        raise ValueError("--use-gpu: no GPU visible here; give --workers N explicitly for a remote GPU cluster")
+    return n
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pipeline.train import prepare_config, run_training
+
+    try:
+        cfg, workers = config_from_args(args)
+        if args.dry_run:
+            cfg = prepare_config(cfg, workers)
+            print(f"[dry-run] {cfg.schedule_().describe()}; {max(workers, 1)} worker(s) x "
+                  f"{cfg.batch_size // max(workers, 1)} images")
+            print(json.dumps({"workers": workers, "config": cfg.to_dict()}, indent=1, default=str))
+            return 0
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    # `ray job stop` and schedulers send SIGTERM: end as KILLED in MLflow instead of staying RUNNING.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    resources = {"CPU": args.cpus_per_worker} if args.cpus_per_worker is not None else None
+    try:
+        result = run_training(cfg, num_workers=workers, use_gpu=args.use_gpu, max_failures=args.max_failures,
+                              resources_per_worker=resources, require_resume=args.resume)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result.ap is not None:
+        print(f"COCO AP {result.ap:.4f} (AP50 {result.eval['AP50']:.4f}, AP75 {result.eval['AP75']:.4f}) "
+              f"after {result.iteration} iterations")
+    if result.train_images_per_s:
+        print(f"training loop: {result.train_images_per_s:.1f} images/s; total {result.wall_s:.0f}s")
+    print(f"checkpoint: {result.checkpoint_path}")
+    print(f"MLflow run {result.mlflow_run_id} in {result.tracking_uri}")
+    if args.json:
+        print(json.dumps({"run_name": result.run_name, "iteration": result.iteration, "ap": result.ap,
+                          "metrics": {k: v for k, v in (result.eval or {}).items() if k != "per_category"},
+                          "checkpoint": result.checkpoint_path, "mlflow_run_id": result.mlflow_run_id,
+                          "tracking_uri": result.tracking_uri, "train_images_per_s": result.train_images_per_s,
+                          "wall_s": result.wall_s}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
