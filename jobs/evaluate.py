@@ -47,6 +47,38 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
                          "'{\"scales\": [400, 1200], \"scale_ranges\": [[96, null], [0, 256]]}'")
     ap.add_argument("--max-dets", type=int, default=100,
                     help="detections kept per image (the COCO server's limit; TTA yields up to 1000)")
+    ap.add_argument("--mlflow-uri", default=None,
+                    help="tracking URI for MLflow model URIs (and logging); default: "
+                         "MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db")
+
+
+def tracking_uri(args) -> str:
+    """The MLflow store of the command line: ``--mlflow-uri``, else ``MLFLOW_TRACKING_URI``, else
+    ``sqlite:///<cwd>/mlflow.db`` (absolute)."""
+    from pipeline import tracking
+
+    return tracking.absolute_tracking_uri(args.mlflow_uri) if args.mlflow_uri else tracking.default_tracking_uri()
+
+
+def load_checkpoint(args) -> dict:
+    """``load_model_state`` of ``--checkpoint``; ``runs:/`` and ``models:/`` URIs resolve in the
+    ``--mlflow-uri`` store (set as MLflow's default only while loading)."""
+    from pipeline.checkpoint import is_mlflow_uri
+    from pipeline.evaluation import load_model_state
+
+    if not is_mlflow_uri(args.checkpoint):
+        return load_model_state(args.checkpoint)
+    import mlflow
+
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    uri = tracking_uri(args)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        return load_model_state(args.checkpoint)
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
 
 
 def tta_config(args, test_min_size: int, max_size: int):
@@ -138,10 +170,10 @@ def main(argv=None) -> dict:
 
 def _evaluate_checkpoint(args, ap) -> tuple[dict, str]:
     from pipeline.data import resolve_split
-    from pipeline.evaluation import InferenceSpec, load_model_state, predict_sharded, write_results_json
+    from pipeline.evaluation import InferenceSpec, predict_sharded, write_results_json
     from pipeline.submission import cap_per_image
 
-    state = load_model_state(args.checkpoint)
+    state = load_checkpoint(args)
     data_cfg = data_config_of(state)
     if args.data:
         data_cfg = data_cfg.replace(source=args.data)

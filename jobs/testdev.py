@@ -30,7 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "jobs"))
 
-from evaluate import add_model_arguments, data_config_of, resolve_device, tta_config  # noqa: E402
+from evaluate import (add_model_arguments, data_config_of, load_checkpoint, resolve_device,  # noqa: E402
+                      tta_config)
+from evaluate import tracking_uri as resolve_tracking_uri  # noqa: E402
 
 
 def source_run_id(checkpoint: str, state: dict, tracking_uri: str) -> str | None:
@@ -100,8 +102,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--allow-missing-images", action="store_true",
                     help="accept images without any detection (otherwise a failed check)")
     ap.add_argument("--validate", metavar="FILE", help="only validate an existing .json/.zip submission")
-    ap.add_argument("--mlflow-uri", default=None, help="tracking URI (default: MLFLOW_TRACKING_URI "
-                                                       "or sqlite:///<cwd>/mlflow.db)")
     ap.add_argument("--experiment", default=None, help="experiment of a new run (default: atss)")
     ap.add_argument("--run-id", default=None, help="log into this MLflow run")
     ap.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
@@ -145,12 +145,12 @@ def _validate_only(args, ap) -> dict:
 
 def _run(args, ap) -> dict:
     from pipeline import tracking
-    from pipeline.evaluation import InferenceSpec, load_model_state, predict_sharded
+    from pipeline.evaluation import InferenceSpec, predict_sharded
     from pipeline.submission import cap_per_image, load_image_info, submission_filename, write_submission
 
     submission_filename(args.name)  # a bad name fails before any inference
     t0 = time.perf_counter()
-    state = load_model_state(args.checkpoint)
+    state = load_checkpoint(args)
     data_cfg = data_config_of(state)
     info_path, images = _image_info(args, ap, data_cfg)
     if not images:
@@ -171,8 +171,7 @@ def _run(args, ap) -> dict:
                "detections": len(results), "tta": bool(tta), "inference_s": round(t_infer, 2),
                "run_id": None}
     if not args.no_mlflow:
-        uri = tracking.absolute_tracking_uri(args.mlflow_uri) if args.mlflow_uri \
-            else tracking.default_tracking_uri()
+        uri = resolve_tracking_uri(args)
         summary["run_id"] = log_submission(
             (json_path, zip_path), args.checkpoint, state, uri, args.experiment or tracking.DEFAULT_EXPERIMENT,
             args.run_id, args.name, summary)

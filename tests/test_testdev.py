@@ -92,25 +92,30 @@ def test_submission_for_the_testdev_slice_on_ray_workers(ray_cluster, testdev, c
 
 
 @pytest.mark.coco
-def test_tta_submission_in_process_logs_to_the_training_run(testdev, coco_categories, tmp_path):
+def test_tta_submission_from_an_mlflow_uri_logs_to_that_run(testdev, coco_categories, tmp_path):
+    """A checkpoint given as runs:/<id>/model is loaded from the run's artifacts, and the
+    submission lands in that same run."""
     from mlflow import MlflowClient
 
     from pipeline import tracking
+    from pipeline.checkpoint import STATE_FILE
 
     info, images = testdev
     uri = _uri(tmp_path)
     train_run = tracking.create_run(uri, "atss", run_name="training")
-    ckpt = _checkpoint(tmp_path / "ckpt", coco_categories, extra={"mlflow_run_id": train_run})
-    summary = testdev_job.main(["--checkpoint", str(ckpt), "--image-info", str(info), "--images", str(images),
-                                "--name", "tiny_tta", "--out", str(tmp_path / "out"), "--workers", "0",
-                                "--tta-config", TINY_TTA, "--max-dets", "30", "--mlflow-uri", uri, *TINY])
+    ckpt = _checkpoint(tmp_path / "ckpt", coco_categories)
+    client = MlflowClient(uri)
+    client.log_artifact(train_run, str(ckpt / STATE_FILE), artifact_path="model")
+    summary = testdev_job.main(["--checkpoint", f"runs:/{train_run}/model", "--image-info", str(info),
+                                "--images", str(images), "--name", "tiny_tta", "--out", str(tmp_path / "out"),
+                                "--workers", "0", "--tta-config", TINY_TTA, "--max-dets", "30",
+                                "--mlflow-uri", uri, *TINY])
     assert summary["tta"] and summary["run_id"] == train_run
     dets = json.loads(Path(summary["json"]).read_text())
     counts = {}
     for d in dets:
         counts[d["image_id"]] = counts.get(d["image_id"], 0) + 1
     assert len(counts) == 10 and max(counts.values()) <= 30
-    client = MlflowClient(uri)
     assert len(client.list_artifacts(train_run, "testdev")) == 2
     assert client.get_run(train_run).data.tags["testdev.tiny_tta.tta"] == "True"
 
