@@ -484,6 +484,7 @@ def predict_sharded(state: dict, spec: InferenceSpec, workers: int = 0) -> list[
         shards = ray.get(futures)
     except ray.exceptions.RayTaskError as e:
         for f in futures:
-            ray.cancel(f, force=True)
+            with contextlib.suppress(Exception):  # finished tasks cannot be cancelled
+                ray.cancel(f, force=True)
         raise e.as_instanceof_cause() from None
     return [det for shard in shards for det in shard]
