@@ -148,7 +148,8 @@ class ATSSDetector(nn.Module):
                 labels = torch.zeros(boxes.shape[0], dtype=torch.long, device=device)
             boxes_list.append(boxes)
             labels_list.append(labels)
-        g = max((x.shape[0] for x in boxes_list), default=0)
+        # At least one (invalid) row, so gathers by GT index stay legal when no image has a GT.
+        g = max([1] + [x.shape[0] for x in boxes_list])
         boxes_pad = torch.zeros(b, g, 4, device=device)
         labels_pad = torch.zeros(b, g, dtype=torch.long, device=device)
         valid = torch.zeros(b, g, dtype=torch.bool, device=device)

@@ -6,7 +6,14 @@ import torch
 
 from detector import PRESETS, ATSSDetector, build_detector, get_preset
 
-torch.set_num_threads(2)
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: on 2 shared cores, OpenMP barriers make 2 threads many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 _SMALL = dict(backbone="resnet18", fpn_channels=32, head_channels=32, num_convs=1, gn_groups=8, num_classes=5)
 
