@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from pipeline.evaluation import (METRIC_KEYS, evaluate_coco, gather_across_workers, to_coco_results,
+from pipeline.evaluation import (METRIC_KEYS, evaluate_coco, gather_across_workers, predict, to_coco_results,
                                  write_results_json)
 
 REFERENCE = {"AP": 0.626, "AP50": 0.817, "AP75": 0.698, "APs": 0.461, "APm": 0.691, "APl": 0.797}
@@ -158,3 +158,27 @@ def test_gather_across_two_gloo_ranks(tmp_path):
     expected = [{"image_id": 0, "r": 0}, {"image_id": 2, "r": 0}, {"image_id": 1, "r": 1}]
     for r in range(2):
         assert json.loads((tmp_path / f"{r}.json").read_text()) == expected
+
+
+def test_predict_returns_original_pixels_and_restores_the_mode():
+    from detector import build_detector, get_preset
+    from pipeline.data import DetectionTransform, collate
+
+    torch.manual_seed(0)
+    model = build_detector(get_preset("tiny", num_classes=2, score_thresh=0.005)).train()
+    g = torch.Generator().manual_seed(0)
+    batch = []
+    for image_id, (h0, w0) in ((5, (300, 420)), (6, (380, 260))):
+        img = torch.randint(0, 256, (3, h0, w0), dtype=torch.uint8, generator=g)
+        batch.append(DetectionTransform(96, 160)(img, {"boxes": torch.zeros(0, 4), "crowd_boxes": torch.zeros(0, 4),
+                                                      "image_id": image_id, "orig_size": (h0, w0)}, None))
+    out = predict(model, [collate(batch)], category_map=[3, 7])
+    assert model.training, "predict must give the model back in the mode it found it"
+    assert [o["image_id"] for o in out] == [5, 6]
+    for o, (h0, w0), (_, t) in zip(out, ((300, 420), (380, 260)), batch):
+        b = o["boxes"]
+        assert len(b) > 0 and b.dtype == torch.float32
+        assert (b[:, 2] <= w0).all() and (b[:, 3] <= h0).all() and (b >= 0).all()
+        assert b[:, 2].max() > t["image_size"][1] or b[:, 3].max() > t["image_size"][0]  # not input pixels
+        assert set(o["category_ids"].tolist()) <= {3, 7}
+        assert torch.equal(o["category_ids"], torch.tensor([3, 7])[o["labels"] - 1])

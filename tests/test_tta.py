@@ -227,3 +227,21 @@ def test_tta_flip_pass_mirrors_the_identity_pass(tiny_model):
         torch.testing.assert_close(b["scores"], a["scores"], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(b["boxes"], hflip_boxes(a["boxes"], 128), rtol=1e-4, atol=1e-3)
         assert torch.equal(b["labels"], a["labels"])
+
+
+def test_identity_pass_equals_plain_single_scale_inference(tiny_model):
+    """TTA resizes originals itself; its identity pass must match the data pipeline + predict."""
+    from pipeline.data import DetectionTransform, collate
+    from pipeline.evaluation import predict
+    from pipeline.tta import tta_detect
+
+    img = torch.randint(0, 256, (3, 90, 140), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    image, target = DetectionTransform(64, 256)(img, {"boxes": torch.zeros(0, 4), "crowd_boxes": torch.zeros(0, 4),
+                                                      "image_id": 7, "orig_size": (90, 140)}, None)
+    [plain] = predict(tiny_model, [collate([(image, target)])])
+    _, [[(_, size, identity)]] = tta_detect(tiny_model, [img], TTAConfig(test_min_size=64, test_max_size=256),
+                                            passes=[TTAPass(64, 256, False, None)], return_passes=True)
+    assert size == target["image_size"] and len(plain["scores"]) > 0
+    torch.testing.assert_close(identity["boxes"], plain["boxes"])
+    torch.testing.assert_close(identity["scores"], plain["scores"])
+    assert torch.equal(identity["labels"], plain["labels"])
