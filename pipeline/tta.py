@@ -33,7 +33,7 @@ from pipeline.data.transforms import get_resize_size, hflip_boxes, normalize
 
 INF = math.inf
 
-__all__ = ["TTAConfig", "TTAPass", "scale_passes", "area_filter", "soft_vote", "merge_passes",
+__all__ = ["TTAConfig", "TTAPass", "area_filter", "soft_vote", "cap_detections", "merge_passes",
            "tta_detect", "predict_tta", "OriginalImage", "collate_original"]
 
 
@@ -133,10 +133,6 @@ class TTAConfig:
             scales=tuple(max(1, round(s * f)) for s in self.scales),
             scale_ranges=tuple((lo * f, hi * f) for lo, hi in self.scale_ranges),
             max_size=max(int(test_max_size), round(self.max_size * f)))
-
-
-def scale_passes(cfg: TTAConfig) -> list[TTAPass]:
-    return cfg.passes()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -129,6 +129,12 @@ def test_default_config_has_the_spec_passes():
     assert (cfg.vote_iou, cfg.vote_score_threshold, cfg.max_per_image) == (0.66, 0.05, 1000)
     assert TTAConfig.from_dict(cfg.to_dict()) == cfg
     assert len(TTAConfig(hflip=False, scale_hflip=False).passes()) == 13
+    # the same augmentation for a model tested at 160 px: everything x0.2, the paper's at 800
+    assert cfg.scaled_to(800, 1333) == cfg
+    small = cfg.scaled_to(160, 267)
+    assert small.scales[:3] == (80, 100, 120) and small.scales[-1] == 360 and small.max_size == 600
+    assert small.scale_ranges[0] == (pytest.approx(19.2), math.inf)
+    assert small.scale_ranges[-1] == (0.0, pytest.approx(19.2))
 
 
 def test_config_rejects_bad_values():
