@@ -16,6 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from multiprocessing import get_context  # noqa: E402
+
 from pipeline.synthetic import CATEGORIES, SyntheticSpec, generate_split  # noqa: E402
 
 
@@ -42,16 +44,25 @@ def main(argv=None) -> int:
         p.error(f"{out} already holds a dataset ({', '.join(str(f) for f in existing if f.exists())}); "
                 f"pass --force to overwrite")
     summary = {"out": str(out), "spec": spec.__dict__ | {"image_size": list(spec.image_size)}}
-    for split in ("train", "val"):
-        t0 = time.perf_counter()
-        data = generate_split(spec, split, out, workers=a.workers)
-        dt = time.perf_counter() - t0
-        anns = data["annotations"]
-        summary[split] = {"images": len(data["images"]), "boxes": len(anns),
-                          "crowd": sum(x["iscrowd"] for x in anns), "seconds": round(dt, 2),
-                          "images_per_s": round(len(data["images"]) / dt, 1) if dt > 0 else None}
+    pool = get_context("spawn").Pool(a.workers) if a.workers > 1 else None
+    try:
+        for split in ("train", "val"):
+            t0 = time.perf_counter()
+            data = generate_split(spec, split, out, pool=pool)
+            dt = time.perf_counter() - t0
+            summary[split] = _split_summary(data, dt)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _split_summary(data: dict, dt: float) -> dict:
+    anns = data["annotations"]
+    return {"images": len(data["images"]), "boxes": len(anns), "crowd": sum(x["iscrowd"] for x in anns),
+            "seconds": round(dt, 2), "images_per_s": round(len(data["images"]) / dt, 1) if dt > 0 else None}
 
 
 if __name__ == "__main__":

@@ -272,10 +272,12 @@ def _render_and_save(args) -> tuple[dict, list[dict]]:
     return info, anns
 
 
-def generate_split(spec: SyntheticSpec, split: str, root: str | os.PathLike, workers: int = 1) -> dict:
+def generate_split(spec: SyntheticSpec, split: str, root: str | os.PathLike, workers: int = 1,
+                   pool=None) -> dict:
     """Write ``root/{split}2017/*.jpg`` and ``root/annotations/instances_{split}2017.json``.
 
-    Returns the COCO dict written. ``workers > 1`` renders in a process pool (same output).
+    Returns the COCO dict written. ``workers > 1`` (or a ``multiprocessing`` ``pool`` to reuse)
+    renders in worker processes; the output is the same.
     """
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
@@ -285,9 +287,11 @@ def generate_split(spec: SyntheticSpec, split: str, root: str | os.PathLike, wor
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     num = spec.num_train if split == "train" else spec.num_val
     jobs = [(spec, split, i, str(image_dir)) for i in range(num)]
-    if workers > 1 and num > 1:
-        with get_context("spawn").Pool(workers) as pool:
-            results = pool.map(_render_and_save, jobs, chunksize=max(1, num // (8 * workers)))
+    if pool is not None:
+        results = pool.map(_render_and_save, jobs, chunksize=max(1, num // 32))
+    elif workers > 1 and num > 1:
+        with get_context("spawn").Pool(workers) as own:
+            results = own.map(_render_and_save, jobs, chunksize=max(1, num // (8 * workers)))
     else:
         results = [_render_and_save(j) for j in jobs]
     images, annotations = [], []
@@ -314,8 +318,13 @@ def make_synthetic_coco(root: str | os.PathLike, spec: SyntheticSpec = Synthetic
                         workers: int = 1) -> Path:
     """Generate both splits of ``spec`` into ``root`` (a COCO-style root); returns ``root``."""
     root = Path(root)
-    for split in ("train", "val"):
-        generate_split(spec, split, root, workers=workers)
+    if workers > 1:
+        with get_context("spawn").Pool(workers) as pool:
+            for split in ("train", "val"):
+                generate_split(spec, split, root, pool=pool)
+    else:
+        for split in ("train", "val"):
+            generate_split(spec, split, root)
     return root
 
 
@@ -344,9 +353,10 @@ def ensure_synthetic(spec: SyntheticSpec, cache_dir: str | os.PathLike | None = 
             os.rename(tmp, final)
             log.info("generated synthetic COCO (%d train / %d val images) in %.1fs at %s",
                      spec.num_train, spec.num_val, time.perf_counter() - t0, final)
-        except OSError:
+        except OSError as e:
             if not (final / ".complete").exists():
-                raise
+                raise OSError(f"cannot move the generated synthetic data into {final} ({e}); if that folder "
+                              f"is a leftover without a .complete marker, delete it") from e
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

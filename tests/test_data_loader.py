@@ -123,8 +123,8 @@ def test_eval_loader_complete_across_ranks(cfg):
     for r in range(3):
         for images, targets in build_dataloader(cfg, "val", 4, train=False, num_replicas=3, rank=r):
             ids += [t["image_id"] for t in targets]
-            assert all(not t["flipped"] and min(t["image_size"]) == 112 or max(t["image_size"]) == 192
-                       for t in targets)
+            for t in targets:
+                assert not t["flipped"] and (min(t["image_size"]) == 112 or max(t["image_size"]) == 192)
     ds = build_dataset(cfg, "val", train=False)
     assert ids == ds.image_ids.tolist() and len(ids) == cfg.synthetic_val_images
 
@@ -136,3 +136,40 @@ def test_collate_pads_with_zeros_bottom_right():
     assert torch.equal(images[0, :, :40, :50], a) and images[0, :, 40:].abs().sum() == 0
     assert images[0, :, :, 50:].abs().sum() == 0 and torch.equal(images[1, :, :70, :33], b)
     assert [t["i"] for t in targets] == [0, 1]
+
+
+def _ddp_worker(rank, world, init_file, cfg_dict, out_dir):
+    import json as _json
+
+    import torch.distributed as dist
+
+    from pipeline.data import DataConfig, build_dataloader
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", world_size=world, rank=rank)
+    try:
+        cfg = DataConfig.from_dict(cfg_dict)
+        val = [t["image_id"] for _, ts in build_dataloader(cfg, "val", 3, train=False) for t in ts]
+        train_loader = build_dataloader(cfg, "train", 2, train=True, seed=4, infinite=False)
+        train = [t["image_id"] for _, ts in train_loader for t in ts]
+        gathered = [None] * world
+        dist.all_gather_object(gathered, {"val": val, "train": train, "batches": len(train_loader)})
+        if rank == 0:
+            (out_dir / "result.json").write_text(_json.dumps(gathered))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_loaders_follow_torch_distributed(cfg, tmp_path):
+    """Two gloo ranks, as Ray Train sets them up: no explicit rank arguments anywhere."""
+    import json as _json
+
+    import torch.multiprocessing as mp
+
+    build_dataset(cfg, "train", True)  # generate the cache once, before the ranks start
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), cfg.to_dict(), tmp_path), nprocs=2,
+                       start_method="spawn")
+    r0, r1 = _json.loads((tmp_path / "result.json").read_text())
+    val_ids = build_dataset(cfg, "val", False).image_ids.tolist()
+    assert r0["val"] + r1["val"] == val_ids  # every image once, in order, split between ranks
+    assert r0["batches"] == r1["batches"] and set(r0["train"]).isdisjoint(r1["train"])
+    assert len(r0["train"]) == len(r1["train"]) == r0["batches"] * 2

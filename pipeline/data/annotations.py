@@ -115,13 +115,13 @@ class AnnotationTable:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, keep_coco: bool = False):
-        """Load an instances/image-info json (via pycocotools) or a ``.parquet`` index.
+        """Load an instances/image-info json (via pycocotools) or a ``.parquet``/``.arrow`` index.
 
         Returns ``(table, coco)`` where ``coco`` is the pycocotools object for a json loaded
         with ``keep_coco=True`` and ``None`` otherwise.
         """
         path = Path(path)
-        if path.suffix == ".parquet":
+        if path.suffix in (".parquet", ".arrow"):
             from .index import read_index
 
             return read_index(path), None
@@ -159,6 +159,27 @@ def _check_coco_layout(data: Any, path: Path) -> None:
 
 def _image_columns(images: list, path: Path):
     n = len(images)
+    try:  # fast path
+        ids = np.fromiter((im["id"] for im in images), np.int64, n)
+        hw = np.array([(im["height"], im["width"]) for im in images], dtype=np.int64).reshape(n, 2)
+        names = [im["file_name"] for im in images]
+        if not all(isinstance(f, str) and f for f in names):
+            raise ValueError("file_name")
+    except (KeyError, TypeError, ValueError, AttributeError):
+        ids, hw, names = _image_columns_checked(images, path)
+    bad = np.flatnonzero((hw <= 0).any(axis=1))
+    if len(bad):
+        raise AnnotationError(f"{path}: image id {ids[bad[0]]} has non-positive size "
+                              f"{tuple(int(v) for v in hw[bad[0]])} (height, width)")
+    uniq, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise AnnotationError(f"{path}: duplicate image id {int(uniq[counts > 1][0])}")
+    return ids, names, hw[:, 0].astype(np.int32), hw[:, 1].astype(np.int32)
+
+
+def _image_columns_checked(images: list, path: Path):
+    """Record by record, to name the first malformed image."""
+    n = len(images)
     ids = np.empty(n, dtype=np.int64)
     hw = np.empty((n, 2), dtype=np.int64)
     names = []
@@ -174,17 +195,29 @@ def _image_columns(images: list, path: Path):
         if not isinstance(fn, str) or not fn:
             raise AnnotationError(f"{path}: image id {ids[i]} has no usable 'file_name' ({fn!r})")
         names.append(fn)
-    bad = np.flatnonzero((hw <= 0).any(axis=1))
-    if len(bad):
-        raise AnnotationError(f"{path}: image id {ids[bad[0]]} has non-positive size "
-                              f"{tuple(int(v) for v in hw[bad[0]])} (height, width)")
-    uniq, counts = np.unique(ids, return_counts=True)
-    if (counts > 1).any():
-        raise AnnotationError(f"{path}: duplicate image id {int(uniq[counts > 1][0])}")
-    return ids, names, hw[:, 0].astype(np.int32), hw[:, 1].astype(np.int32)
+    return ids, hw, names
 
 
 def _box_columns(anns: list, path: Path):
+    m = len(anns)
+    try:  # fast path: one C-level pass per field
+        ann_ids = np.fromiter((a["id"] for a in anns), np.int64, m)
+        img_ids = np.fromiter((a["image_id"] for a in anns), np.int64, m)
+        cat_ids = np.fromiter((a["category_id"] for a in anns), np.int64, m)
+        xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(m, 4)
+        crowd = np.fromiter((bool(a.get("iscrowd", 0)) for a in anns), bool, m)
+        areas = np.fromiter((a.get("area", np.nan) for a in anns), np.float64, m)
+        areas = np.where(np.isnan(areas), xywh[:, 2] * xywh[:, 3], areas)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        ann_ids, img_ids, cat_ids, xywh, areas, crowd = _box_columns_checked(anns, path)
+    if not np.isfinite(xywh).all():
+        j = int(np.flatnonzero(~np.isfinite(xywh).all(axis=1))[0])
+        raise AnnotationError(f"{path}: annotation id {ann_ids[j]} has a non-finite bbox {xywh[j].tolist()}")
+    return ann_ids, img_ids, cat_ids, xywh, areas, crowd
+
+
+def _box_columns_checked(anns: list, path: Path):
+    """Record by record, to name the first malformed annotation."""
     m = len(anns)
     ann_ids = np.empty(m, dtype=np.int64)
     img_ids = np.empty(m, dtype=np.int64)
@@ -204,9 +237,6 @@ def _box_columns(anns: list, path: Path):
             rid = a.get("id", "?") if isinstance(a, dict) else "?"
             raise AnnotationError(f"{path}: annotation #{j} (id {rid}) is malformed: needs 'id', "
                                   f"'image_id', 'category_id' and 'bbox' [x, y, w, h] ({e!r})") from e
-    if not np.isfinite(xywh).all():
-        j = int(np.flatnonzero(~np.isfinite(xywh).all(axis=1))[0])
-        raise AnnotationError(f"{path}: annotation id {ann_ids[j]} has a non-finite bbox {xywh[j].tolist()}")
     return ann_ids, img_ids, cat_ids, xywh, areas, crowd
 
 

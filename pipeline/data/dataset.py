@@ -83,13 +83,21 @@ class CocoDetection(torch.utils.data.Dataset):
     # -- filtering (vectorised over all boxes, once) ---------------------------------------------
     def _filter(self) -> None:
         t = self.table
-        img_of_box = np.repeat(np.arange(t.num_images), np.diff(t.offsets))
-        w = t.widths[img_of_box].astype(np.float32)
-        h = t.heights[img_of_box].astype(np.float32)
-        clipped = self._clip(t.boxes, w, h)
-        size_ok = ((clipped[:, 2] - clipped[:, 0]) >= self.min_box_size) & \
-                  ((clipped[:, 3] - clipped[:, 1]) >= self.min_box_size)
-        n_outside = int((np.abs(clipped - t.boxes) > 1e-3).any(axis=1).sum())
+        # Chunks bound the temporaries (a few MB), so a worker keeps little more than the table.
+        step = 1 << 16
+        size_ok = np.empty(t.num_boxes, dtype=bool)
+        positives = np.zeros(t.num_images, dtype=np.int64)
+        n_outside = 0
+        for s in range(0, t.num_boxes, step):
+            e = min(s + step, t.num_boxes)
+            img = np.searchsorted(t.offsets, np.arange(s, e), side="right") - 1
+            raw = t.boxes[s:e]
+            clipped = self._clip(raw, t.widths[img], t.heights[img])
+            ok = ((clipped[:, 2] - clipped[:, 0]) >= self.min_box_size) & \
+                 ((clipped[:, 3] - clipped[:, 1]) >= self.min_box_size)
+            size_ok[s:e] = ok
+            n_outside += int((np.abs(clipped - raw) > 1e-3).any(axis=1).sum())
+            positives += np.bincount(img[ok & ~t.iscrowd[s:e]], minlength=t.num_images)
         self._box_ok = size_ok
         n_dropped = int((~size_ok).sum())
         if n_dropped:
@@ -98,7 +106,6 @@ class CocoDetection(torch.utils.data.Dataset):
                         "e.g. annotation ids %s", self.ann_file, n_dropped, self.min_box_size, bad)
         if n_outside:
             log.info("%s: clipped %d box(es) that extend outside their image", self.ann_file, n_outside)
-        positives = np.bincount(img_of_box[size_ok & ~t.iscrowd], minlength=t.num_images)
         if self.train:
             keep = np.flatnonzero(positives > 0)
             if len(keep) < t.num_images:
@@ -116,12 +123,10 @@ class CocoDetection(torch.utils.data.Dataset):
 
     @staticmethod
     def _clip(boxes: np.ndarray, w, h) -> np.ndarray:
-        out = np.empty_like(boxes)
-        np.clip(boxes[:, 0], 0, w, out=out[:, 0])
-        np.clip(boxes[:, 1], 0, h, out=out[:, 1])
-        np.clip(boxes[:, 2], 0, w, out=out[:, 2])
-        np.clip(boxes[:, 3], 0, h, out=out[:, 3])
-        return out
+        """Clip xyxy ``boxes [M, 4]`` to ``[0, w] x [0, h]`` (``w``/``h`` scalars or ``[M]`` arrays)."""
+        w, h = np.asarray(w, np.float32), np.asarray(h, np.float32)
+        upper = np.stack(np.broadcast_arrays(w, h, w, h), axis=-1)
+        return np.clip(boxes, np.float32(0), upper).astype(np.float32, copy=False)
 
     # -- metadata without decoding images ---------------------------------------------------------
     def __len__(self) -> int:
