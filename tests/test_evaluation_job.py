@@ -64,10 +64,8 @@ def test_results_mode_prints_json_metrics_on_the_last_line(tmp_path):
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert list(last) == list(METRIC_KEYS)
     assert last["AP"] == pytest.approx(1.0) and last["APs"] == -1.0  # no small GT: undefined
-    bad = subprocess.run([sys.executable, str(REPO / "jobs/evaluate.py"), "--results", str(tmp_path / "nope.json"),
-                          "--annotations", str(tmp_path / "gt.json")],
-                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert bad.returncode == 2 and "results file not found" in bad.stderr and "nope.json" in bad.stderr
+    with pytest.raises(FileNotFoundError, match="results file not found: .*nope.json"):
+        evaluate_job.main(["--results", str(tmp_path / "nope.json"), "--annotations", str(tmp_path / "gt.json")])
 
 
 @pytest.mark.coco
