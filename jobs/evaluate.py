@@ -198,8 +198,10 @@ def _evaluate_checkpoint(args, ap) -> tuple[dict, str]:
 
 
 if __name__ == "__main__":
+    from pipeline.data import TooManyBadImagesError
+
     try:
         main()
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, TooManyBadImagesError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -185,6 +185,7 @@ def _run(args, ap) -> dict:
 
 
 if __name__ == "__main__":
+    from pipeline.data import TooManyBadImagesError
     from pipeline.submission import SubmissionError
 
     try:
@@ -192,6 +193,6 @@ if __name__ == "__main__":
     except SubmissionError as e:
         print(f"submission rejected: {e}", file=sys.stderr)
         sys.exit(3)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, TooManyBadImagesError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
