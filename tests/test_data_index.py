@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -39,10 +40,10 @@ def _assert_same_samples(a: CocoDetection, b: CocoDetection, keys):
                 assert ta[k] == tb[k], k
 
 
-@pytest.mark.parametrize("train", [True, False])
-def test_index_matches_json_on_synthetic(synth, tmp_path, train):
+@pytest.mark.parametrize("train, suffix", [(True, ".parquet"), (False, ".parquet"), (True, ".arrow")])
+def test_index_matches_json_on_synthetic(synth, tmp_path, train, suffix):
     ann = synth / "annotations/instances_train2017.json"
-    idx = tmp_path / "train.parquet"
+    idx = tmp_path / f"train{suffix}"
     build_index(ann, idx)
     tf = DetectionTransform((64, 96), 160, 0.5 if train else 0.0)
     a = CocoDetection(ann, synth / "train2017", train=train, transform=tf)
@@ -75,11 +76,12 @@ def test_index_matches_json_on_coco(shared_data, tmp_path):
         assert (x["category_id"], x["iscrowd"], x["image_id"]) == (y["category_id"], y["iscrowd"], y["image_id"])
 
 
-def test_index_file_layout(synth, tmp_path):
+@pytest.mark.parametrize("suffix", [".parquet", ".arrow"])
+def test_index_file_layout(synth, tmp_path, suffix):
     ann = synth / "annotations/instances_train2017.json"
-    idx = tmp_path / "i.parquet"
+    idx = tmp_path / f"i{suffix}"
     table = build_index(ann, idx)
-    pf = pq.read_table(idx)
+    pf = pq.read_table(idx) if suffix == ".parquet" else pa.ipc.open_file(pa.memory_map(str(idx))).read_all()
     assert pf.num_rows == table.num_images
     assert pf.column_names == ["image_id", "file_name", "height", "width", "ann_ids", "boxes",
                                "category_ids", "areas", "iscrowd"]
@@ -90,6 +92,8 @@ def test_index_file_layout(synth, tmp_path):
         assert np.array_equal(getattr(back, f), getattr(ref, f)), f
     assert back.file_names.to_pylist() == ref.file_names.to_pylist()
     assert back.categories == ref.categories
+    if suffix == ".arrow":  # zero-copy: the boxes are the mapped file's bytes, not a decoded copy
+        assert not back.boxes.flags.owndata and not back.boxes.flags.writeable
 
 
 def test_index_through_data_config(synth, tmp_path):

@@ -40,6 +40,7 @@ def test_config_round_trip_and_unknown_key():
     (dict(flip_prob=1.5), "flip_prob"), (dict(max_size=-1), "max_size"),
     (dict(test_min_size=(600, 800)), "test_min_size"), (dict(source="files"), "train_ann"),
     (dict(synthetic_num_classes=0), "synthetic_num_classes"),
+    (dict(train_ann="/x/a.json", train_images="/x"), "source='files'"),
 ])
 def test_config_validation(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 __all__ = ["DataConfig"]
@@ -93,8 +93,13 @@ class DataConfig:
         self.synthetic_image_size = size if isinstance(size, tuple) else (size, size)
         if self.synthetic_image_size[0] < 32:
             raise ValueError(f"DataConfig.synthetic_image_size must be >= 32 px, got {self.synthetic_image_size}")
-        if self.source == "files" and not (self.train_ann or self.val_ann or self.test_ann):
+        explicit = [k for k in ("train_ann", "val_ann", "test_ann") if getattr(self, k)]
+        if self.source == "files" and not explicit:
             raise ValueError("DataConfig.source 'files' needs at least one of train_ann / val_ann / test_ann")
+        if self.source == "synthetic" and explicit:
+            # Mixing a user's files with generated shapes would pair unrelated category sets.
+            raise ValueError(f"DataConfig: {explicit} given with source='synthetic'; use source='files' "
+                             f"(or 'coco:/root' to replace single files of a COCO root)")
 
     @classmethod
     def tiny(cls, **overrides) -> "DataConfig":

@@ -146,9 +146,15 @@ class CocoDetection(torch.utils.data.Dataset):
 
     @property
     def coco(self):
-        """pycocotools ``COCO`` ground truth (kept from the json, or rebuilt from a Parquet index)."""
+        """pycocotools ``COCO`` ground truth: the json's own (loaded on first use if a training
+        dataset dropped it), or rebuilt from an index (bbox, area, iscrowd; no segmentation)."""
         if self._coco is None:
-            self._coco = self.table.to_coco()
+            if Path(self.ann_file).suffix in (".parquet", ".arrow"):
+                self._coco = self.table.to_coco()
+            else:
+                from .annotations import load_coco_json
+
+                self._coco = load_coco_json(self.ann_file, keep_coco=True)[1]
         return self._coco
 
     def annotations(self, idx: int) -> dict:
