@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import (CocoDetection, DataConfig, GroupedBatchSampler, InferenceBatchSampler,
-                           build_dataloader, build_dataset, collate, orientation_groups)
+from pipeline.data import (DataConfig, GroupedBatchSampler, InferenceBatchSampler, build_dataloader, build_dataset,
+                           collate)
 
 
 @pytest.fixture(scope="module")

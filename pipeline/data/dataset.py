@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .annotations import AnnotationError, AnnotationTable
+from .annotations import AnnotationTable
 from .categories import CategoryMap
 from .transforms import DetectionTransform
 
@@ -207,7 +207,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.num_bad_images += 1
         if path not in self.bad_files:
             self.bad_files.append(path)
-        log.warning("skipping unreadable image (%d so far): %s", self.num_bad_images, why)
+        log.warning("skipping an unusable image (%d so far): %s", self.num_bad_images, why)
         if len(self.bad_files) > self.max_bad_fraction * len(self):
             shown = ", ".join(self.bad_files[:10]) + (" ..." if len(self.bad_files) > 10 else "")
             raise TooManyBadImagesError(

@@ -5,7 +5,6 @@ Boxes are ``xyxy`` float32 in absolute, continuous pixels (no +1). Images enter 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
