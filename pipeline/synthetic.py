@@ -35,7 +35,7 @@ __all__ = ["CATEGORIES", "SyntheticSpec", "render_image", "generate_split", "mak
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1  # bump when output changes, so caches are rebuilt
+GENERATOR_VERSION = 2  # bump when output changes, so caches are rebuilt
 
 # (COCO id, name, RGB). Ids have gaps on purpose, like COCO's 1..90 for 80 categories.
 CATEGORIES: tuple[tuple[int, str, tuple[int, int, int]], ...] = (

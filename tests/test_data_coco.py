@@ -44,6 +44,7 @@ def test_train_counts_and_split_resolution(tiny):
     assert sum(len(t["boxes"]) + len(t["crowd_boxes"]) for t in targets) == 705
     assert sum(len(t["crowd_boxes"]) for t in targets) == 6
     assert len(ds) == 80  # every image of the slice has a usable box
+    assert ds._coco is None and len(ds.coco.anns) == 705  # training drops the json, reloads on demand
 
 
 def test_labels_round_trip_to_coco_ids(val, tiny):

@@ -90,7 +90,7 @@ def _worker_init(_worker_id: int) -> None:
 def build_dataloader(data_cfg: DataConfig, split: str, batch_size: int, train: bool, seed: int = 0,
                      num_replicas: Optional[int] = None, rank: Optional[int] = None, *,
                      infinite: bool = True, start_iter: int = 0, num_workers: Optional[int] = None,
-                     dataset: Optional[CocoDetection] = None) -> DataLoader:
+                     dataset: Optional[CocoDetection] = None, pin_memory: Optional[bool] = None) -> DataLoader:
     """A DataLoader of ``(images [B, 3, H, W], targets)`` batches for this process.
 
     ``batch_size`` is per process. Sharding follows ``torch.distributed`` when it is initialised
@@ -102,6 +102,9 @@ def build_dataloader(data_cfg: DataConfig, split: str, batch_size: int, train: b
       ``start_iter``), ``infinite=False`` is one epoch per iteration over the loader (call
       ``loader.batch_sampler.set_epoch(e)``) with the same batch count on every rank.
     - ``train=False``: dataset order, every image exactly once across ranks, all images kept.
+
+    ``dataset`` reuses an already built dataset of this split; ``pin_memory`` defaults to "CUDA is
+    available and there are worker processes".
     """
     world, r = _dist_world()
     num_replicas = world if num_replicas is None else num_replicas
@@ -114,7 +117,9 @@ def build_dataloader(data_cfg: DataConfig, split: str, batch_size: int, train: b
     else:
         sampler = InferenceBatchSampler(len(ds), batch_size, num_replicas=num_replicas, rank=rank)
     workers = data_cfg.num_workers if num_workers is None else num_workers
+    if pin_memory is None:
+        pin_memory = workers > 0 and torch.cuda.is_available()
     return DataLoader(ds, batch_sampler=sampler, num_workers=workers,
                       collate_fn=functools.partial(collate, size_divisible=data_cfg.size_divisible),
                       worker_init_fn=_worker_init if workers > 0 else None,
-                      persistent_workers=workers > 0 and train, pin_memory=False)
+                      persistent_workers=workers > 0 and train, pin_memory=pin_memory)
