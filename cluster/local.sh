@@ -16,11 +16,12 @@
 #   --num-cpus N         ATSS_RAY_NUM_CPUS    (all cores)
 #   --object-store-mb N  ATSS_RAY_OBJECT_STORE_MB (512)
 #   --timeout S          ATSS_RAY_START_TIMEOUT (90)   give up waiting for the job server
+#   (stop)               ATSS_RAY_STOP_TIMEOUT (20)    grace before the remaining processes are killed
 #
 # Why it looks like this (see shared/RAY_NOTES.md section 4):
-# * Token auth is on in Ray 2.60. The token is a file in the state dir, exported with
-#   RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH for `ray start` and every CLI call, so nothing is
-#   written to ~/.ray.
+# * Token auth, always: a plain `ray start` turns it on only if ~/.ray/auth_token happens to exist.
+#   The token is a file in the state dir, exported with RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH
+#   for `ray start` and every CLI call, so nothing is read from or written to ~/.ray.
 # * `ray stop` would kill every Ray process of this user, including other people's test clusters.
 #   Instead `ray start --head --block` runs as the leader of its own session (setsid); `stop` signals
 #   exactly the processes of that session.
@@ -38,11 +39,11 @@ AGENT_PORT="${ATSS_RAY_AGENT_PORT:-52375}"
 NUM_CPUS="${ATSS_RAY_NUM_CPUS:-}"
 OBJECT_STORE_MB="${ATSS_RAY_OBJECT_STORE_MB:-512}"
 START_TIMEOUT="${ATSS_RAY_START_TIMEOUT:-90}"
-STOP_TIMEOUT="${ATSS_RAY_STOP_TIMEOUT:-30}"
+STOP_TIMEOUT="${ATSS_RAY_STOP_TIMEOUT:-20}"
 
 die() { echo "local.sh: $*" >&2; exit 1; }
 
-usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 find_ray() {
     if [[ -n "${RAY:-}" ]]; then
@@ -93,19 +94,17 @@ leader_pid() {
     echo "$pid"
 }
 
-# Every live process of the cluster's session: the leader's session id, double-checked by the
-# token path in the process environment (only processes started under this cluster carry it).
+# Every live process of the cluster's session. Linux never hands out a pid while it is still some
+# process's session id, so while any of them lives the id cannot belong to anybody else; a live
+# process with the leader's pid but another start time means the session is long gone.
 session_pids() {
-    local sid pid
+    local sid start
     [[ -f "$STATE_DIR/ray.pid" ]] || return 0
-    read -r sid _ < "$STATE_DIR/ray.pid"
-    for pid in $(ps -e -o pid=,sid= | awk -v s="$sid" '$2 == s {print $1}'); do
-        [[ "$pid" == "$$" ]] && continue
-        if tr '\0' '\n' 2>/dev/null < "/proc/$pid/environ" \
-            | grep -qxF "RAY_AUTH_TOKEN_PATH=$STATE_DIR/auth_token"; then
-            echo "$pid"
-        fi
-    done
+    read -r sid start < "$STATE_DIR/ray.pid"
+    if [[ -d "/proc/$sid" ]] && [[ "$(cut -d' ' -f22 "/proc/$sid/stat" 2>/dev/null)" != "$start" ]]; then
+        return 0
+    fi
+    ps -e -o pid=,sid= | awk -v s="$sid" -v me="$$" '$2 == s && $1 != me {print $1}'
 }
 
 print_env() {
@@ -168,15 +167,16 @@ EOF
         exec setsid "$ray" "${args[@]}" > "$STATE_DIR/ray-start.log" 2>&1 < /dev/null
     ) &
     pid=$!
-    # setsid execs in place when the caller is not a group leader, so $! is the session leader.
-    for _ in 1 2 3 4 5 6 7 8 9 10; do
-        [[ -r "/proc/$pid/stat" ]] && break
+    # setsid execs in place (the subshell is no group leader), so $! becomes the session leader
+    # once the exec has happened; until then it is still the subshell in our session.
+    start_time="$(cut -d' ' -f22 "/proc/$pid/stat" 2>/dev/null)" || die "ray start exited at once; see $STATE_DIR/ray-start.log"
+    echo "$pid $start_time" > "$STATE_DIR/ray.pid"
+    for _ in $(seq 50); do
+        [[ "$(cut -d' ' -f6 "/proc/$pid/stat" 2>/dev/null)" == "$pid" ]] && break
         sleep 0.1
     done
-    start_time="$(cut -d' ' -f22 "/proc/$pid/stat" 2>/dev/null)" || die "ray start exited at once; see $STATE_DIR/ray-start.log"
-    [[ "$(cut -d' ' -f6 "/proc/$pid/stat")" == "$pid" ]] \
-        || die "ray start (pid $pid) did not become a session leader; is job control (set -m) on?"
-    echo "$pid $start_time" > "$STATE_DIR/ray.pid"
+    [[ "$(cut -d' ' -f6 "/proc/$pid/stat" 2>/dev/null)" == "$pid" ]] \
+        || die "ray start (pid $pid) did not become a session leader; see $STATE_DIR/ray-start.log"
 
     deadline=$((SECONDS + START_TIMEOUT))
     cli_env
@@ -199,29 +199,41 @@ EOF
     echo "For the Ray CLI in this shell: eval \"\$(cluster/local.sh env)\""
 }
 
+# Waits up to $1 seconds for the session to be empty (zombies included: they go once reaped).
+wait_session_empty() {
+    local deadline=$((SECONDS + $1))
+    while [[ -n "$(session_pids)" ]] && (( SECONDS < deadline )); do
+        sleep 0.5
+    done
+    [[ -z "$(session_pids)" ]]
+}
+
 cmd_stop() {
-    local pids deadline
+    local pid pids
     parse_opts "$@"
     load_state || true
-    pids="$(session_pids)"
-    if [[ -z "$pids" ]]; then
+    if [[ -z "$(session_pids)" ]]; then
         rm -f "$STATE_DIR/ray.pid"
         echo "no local cluster running from $STATE_DIR"
         return 0
     fi
-    # The GCS is the slowest to exit on SIGTERM (15-20 s measured); then SIGKILL what is left.
-    kill -TERM $pids 2>/dev/null || true
-    deadline=$((SECONDS + STOP_TIMEOUT))
-    while [[ -n "$(session_pids)" ]] && (( SECONDS < deadline )); do
-        sleep 0.5
-    done
-    pids="$(session_pids)"
-    if [[ -n "$pids" ]]; then
-        kill -KILL $pids 2>/dev/null || true
-        sleep 1
+    # `ray start --block` stops its own processes on SIGTERM (about 6 s when idle); signalling
+    # every process at once instead leaves parents and children waiting on each other. Whatever
+    # is left after that (a busy machine, a stuck worker) gets SIGTERM, then SIGKILL.
+    if pid="$(leader_pid)"; then
+        kill -TERM "$pid" 2>/dev/null || true
+        wait_session_empty "$STOP_TIMEOUT" && { stopped; return 0; }
     fi
+    kill -TERM $(session_pids) 2>/dev/null || true
+    wait_session_empty 10 && { stopped; return 0; }
     pids="$(session_pids)"
-    [[ -z "$pids" ]] || die "processes still alive after SIGKILL: $pids"
+    echo "local.sh: killing what is left: $(echo $pids)" >&2
+    kill -KILL $pids 2>/dev/null || true
+    wait_session_empty 10 || die "processes still alive after SIGKILL: $(echo $(session_pids))"
+    stopped
+}
+
+stopped() {
     rm -f "$STATE_DIR/ray.pid"
     echo "local cluster stopped ($STATE_DIR)"
 }
