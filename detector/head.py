@@ -67,12 +67,12 @@ class ATSSHead(nn.Module):
         self.scales = nn.ModuleList(Scale() for _ in range(num_levels)) if scalar else None
 
         for m in self.modules():
-            if isinstance(m, nn.Conv2d) and m is not None:
+            if isinstance(m, (nn.Conv2d, ModulatedDeformConv2d)):
                 nn.init.normal_(m.weight, std=0.01)
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, ModulatedDeformConv2d):
-                nn.init.normal_(m.weight, std=0.01)
-                nn.init.zeros_(m.bias)
+        # DCN offsets/masks start at zero (after the loop, which also visits their conv).
+        for m in self.modules():
+            if isinstance(m, ModulatedDeformConv2d):
                 nn.init.zeros_(m.offset_mask.weight)
                 nn.init.zeros_(m.offset_mask.bias)
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))

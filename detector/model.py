@@ -123,8 +123,9 @@ class ATSSDetector(nn.Module):
                 if key == "boxes":
                     raise ValueError(f"target {i} has no 'boxes'")
                 boxes = torch.zeros(0, 4)
-            boxes = torch.as_tensor(boxes, dtype=torch.float32, device=device).reshape(-1, 4) \
-                if boxes.numel() == 0 else torch.as_tensor(boxes, dtype=torch.float32, device=device)
+            boxes = torch.as_tensor(boxes, dtype=torch.float32, device=device)
+            if boxes.numel() == 0:
+                boxes = boxes.reshape(0, 4)  # accept [0], [0, 4], ... for an image without boxes
             if boxes.dim() != 2 or boxes.shape[1] != 4:
                 raise ValueError(f"target {i} '{key}' must be float[G, 4] xyxy, got shape {tuple(boxes.shape)}")
             if not torch.isfinite(boxes).all():

@@ -95,6 +95,7 @@ def test_deformable_convs_in_backbone_and_tower():
     assert not any(isinstance(m, ModulatedDeformConv2d) for m in body.layer1.modules())
     assert isinstance(model.head.cls_tower[-3], ModulatedDeformConv2d)  # conv, GN, ReLU
     assert isinstance(model.head.box_tower[-3], ModulatedDeformConv2d)
+    assert model.head.box_tower[-3].offset_mask.weight.abs().sum() == 0  # offsets start at zero
     targets = [{"boxes": torch.tensor([[8.0, 8, 50, 40]]), "labels": torch.tensor([1])}]
     losses = model(torch.randn(1, 3, 64, 64), targets)
     sum(losses.values()).backward()
