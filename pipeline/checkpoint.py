@@ -143,10 +143,17 @@ def is_mlflow_uri(path: str | os.PathLike) -> bool:
     return isinstance(path, str) and path.startswith(_MLFLOW_SCHEMES)
 
 
-def _state_from_mlflow(uri: str) -> dict:
+def _state_from_mlflow(uri: str, tracking_uri: str | None = None) -> dict:
     import mlflow
 
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    previous = mlflow.get_tracking_uri()
+    if tracking_uri:  # runs:/ resolution of a logged model reads the *current* tracking URI
+        mlflow.set_tracking_uri(tracking_uri)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri))
+    finally:
+        if tracking_uri:
+            mlflow.set_tracking_uri(previous)
     candidates = [local / "extra_files" / STATE_FILE, local / STATE_FILE]
     for c in candidates:
         if c.is_file():
@@ -170,20 +177,23 @@ def detector_from_state(state: dict, device: str | torch.device = "cpu"):
     return model.to(device).eval(), cfg
 
 
-def load_detector(path_or_uri: str | os.PathLike, device: str | torch.device = "cpu"):
+def load_detector(path_or_uri: str | os.PathLike, device: str | torch.device = "cpu",
+                  tracking_uri: str | None = None):
     """Load a trained detector for inference.
 
     Args:
         path_or_uri: checkpoint directory, its ``state.pt``, or an MLflow model URI
             (``runs:/<run id>/model``, ``models:/<name>/<version>``).
         device: where to put the model.
+        tracking_uri: the MLflow store of a ``runs:/`` / ``models:/`` URI (default: MLflow's current
+            one, i.e. ``MLFLOW_TRACKING_URI`` or ``mlflow.set_tracking_uri``).
 
     Returns:
         ``(model in eval mode, DetectorConfig, meta)``; ``meta`` has ``categories`` (``[{"id", "name"}]``
         in label order), ``iteration``, ``train_config`` and ``source``.
     """
     source = str(path_or_uri)
-    state = _state_from_mlflow(source) if is_mlflow_uri(source) else load_state(path_or_uri)
+    state = _state_from_mlflow(source, tracking_uri) if is_mlflow_uri(source) else load_state(path_or_uri)
     model, cfg = detector_from_state(state, device)
     meta = {"categories": list(state.get("data", {}).get("categories", [])),
             "iteration": int(state.get("iteration", 0)),

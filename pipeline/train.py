@@ -80,6 +80,7 @@ class TrainConfig:
         max_grad_norm: clip the gradient norm (None: no clipping, as the paper); non-finite norms
             always stop the run.
         amp: bf16 autocast on CUDA (no effect on CPU).
+        torch_threads: intra-op threads per worker (None: torch's default; Ray sets one per CPU).
     Periods (iterations; 0 disables)
         log_period (progress line + MLflow metrics), checkpoint_period, eval_period (the final
         evaluation happens anyway when ``eval_at_end``), report_period (extra ``ray.train.report``
@@ -87,7 +88,8 @@ class TrainConfig:
     Where things go
         storage_path: absolute path or URI (``s3://...``) for checkpoints (default ``<cwd>/ray_results``);
         run_name: Ray run name; a re-submitted run name resumes from its latest checkpoint.
-        mlflow_uri (default ``MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db``), mlflow_experiment,
+        mlflow_enabled (False: no MLflow at all, e.g. benchmarks), mlflow_uri (default
+        ``MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db``), mlflow_experiment,
         mlflow_parent_run_id and mlflow_tags (sweeps), mlflow_run_id (log into this existing run),
         log_model (the final model through ``mlflow.pytorch``), register_model (a registry name).
     Testing
@@ -115,6 +117,7 @@ class TrainConfig:
     max_grad_norm: Optional[float] = None
     amp: bool = True
     seed: int = 0
+    torch_threads: Optional[int] = None
     log_period: int = 20
     checkpoint_period: int = 2500
     checkpoints_to_keep: int = 2
@@ -125,6 +128,7 @@ class TrainConfig:
     report_period: int = 0
     storage_path: Optional[str] = None
     run_name: Optional[str] = None
+    mlflow_enabled: bool = True
     mlflow_uri: Optional[str] = None
     mlflow_experiment: str = tracking.DEFAULT_EXPERIMENT
     mlflow_parent_run_id: Optional[str] = None
@@ -155,6 +159,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be an int >= 0 (0 disables), got {v!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"TrainConfig.max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"TrainConfig.torch_threads must be >= 1 or None, got {self.torch_threads}")
         if self.fail_at_iteration is not None and self.fail_at_iteration < 0:
             raise ValueError(f"TrainConfig.fail_at_iteration must be >= 0, got {self.fail_at_iteration}")
         if self.run_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.=-]*", self.run_name):
@@ -221,7 +227,7 @@ class TrainConfig:
     def fingerprint(self) -> str:
         """Hash of what determines the numbers (not where they are written), for the NaN guard."""
         d = self.to_dict()
-        for k in ("storage_path", "run_name", "mlflow_uri", "mlflow_experiment", "mlflow_parent_run_id",
+        for k in ("storage_path", "run_name", "mlflow_enabled", "mlflow_uri", "mlflow_experiment", "mlflow_parent_run_id",
                   "mlflow_tags", "mlflow_run_id", "log_model", "register_model", "log_period",
                   "fail_at_iteration"):
             d.pop(k)
@@ -544,7 +550,7 @@ class _Tracker:
 
     def __init__(self, cfg: TrainConfig, session: _Session):
         self.cfg = cfg
-        self.active = session.rank == 0 and bool(cfg.mlflow_uri)
+        self.active = session.rank == 0 and cfg.mlflow_enabled and bool(cfg.mlflow_uri)
         self.run_id: Optional[str] = None
         self.uri = cfg.mlflow_uri
         self.session = session
@@ -666,6 +672,8 @@ def _train(cfg: TrainConfig, session: _Session) -> dict:
     from pipeline.data import build_dataloader, build_dataset
 
     device = session.device
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
     schedule = cfg.schedule_()
     world = session.world_size
     if cfg.batch_size % world:
@@ -751,6 +759,7 @@ def _train(cfg: TrainConfig, session: _Session) -> dict:
         images_done = 0
         reported: dict[str, Any] = {}
         checkpoint_path: Optional[str] = None
+        last_checkpoint_iteration = start  # where a retry would resume
         for it in range(start, schedule.max_iter):
             _maybe_inject_failure(cfg, session, it)
             t_data = time.perf_counter()
@@ -764,7 +773,7 @@ def _train(cfg: TrainConfig, session: _Session) -> dict:
                 if session.rank == 0:
                     session.run_dir.write_json("nonfinite.json", {
                         "error": str(e), "iteration": it, "fingerprint": cfg.fingerprint(),
-                        "resume_iteration": start})
+                        "resume_iteration": last_checkpoint_iteration})
                     print(f"[train] {e}; the last good checkpoint is kept", file=sys.stderr, flush=True)
                 raise
             train_time += time.perf_counter() - t_data
@@ -811,6 +820,8 @@ def _train(cfg: TrainConfig, session: _Session) -> dict:
                 path = session.report(metrics, bool(do_ckpt), state_now, files)
                 reported = metrics
                 checkpoint_path = path or checkpoint_path
+                if do_ckpt:
+                    last_checkpoint_iteration = done
         if session.rank == 0:
             summary = {"iteration": max(start, schedule.max_iter), "metrics": reported, "eval": eval_metrics,
                        "checkpoint": checkpoint_path, "mlflow_run_id": tracker.run_id,
@@ -865,8 +876,9 @@ def prepare_config(cfg: TrainConfig, num_workers: int = 1, cwd: Optional[str | o
     changes: dict[str, Any] = {"storage_path": _absolute_storage(cfg.storage_path, base)}
     if cfg.run_name is None:
         changes["run_name"] = f"atss_{cfg.preset}_{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    changes["mlflow_uri"] = (tracking.absolute_tracking_uri(cfg.mlflow_uri, base) if cfg.mlflow_uri
-                             else tracking.default_tracking_uri(base))
+    if cfg.mlflow_enabled:
+        changes["mlflow_uri"] = (tracking.absolute_tracking_uri(cfg.mlflow_uri, base) if cfg.mlflow_uri
+                                 else tracking.default_tracking_uri(base))
     cfg = cfg.replace(**changes)
     if check_data:
         check_data_paths(cfg)
@@ -977,7 +989,7 @@ def run_training(cfg: TrainConfig, num_workers: int = 2, use_gpu: bool = False, 
         f"{cfg.batch_size // max(num_workers, 1)} images")
 
     run_id = cfg.mlflow_run_id
-    if run_id is None:
+    if run_id is None and cfg.mlflow_enabled:
         known = run_dir.read_json("mlflow_run.json")
         if known and known.get("tracking_uri") == cfg.mlflow_uri:
             run_id = known["run_id"]
@@ -987,8 +999,9 @@ def run_training(cfg: TrainConfig, num_workers: int = 2, use_gpu: bool = False, 
                                          {**cfg.mlflow_tags, "atss.run_dir": run_dir.uri})
             run_dir.write_json("mlflow_run.json", {"tracking_uri": cfg.mlflow_uri, "run_id": run_id})
         cfg = cfg.replace(mlflow_run_id=run_id)
-    say(f"[driver] MLflow run {run_id} in {cfg.mlflow_uri} (experiment {cfg.mlflow_experiment!r}); "
-        f"view with: {tracking.ui_command(cfg.mlflow_uri)}")
+    if run_id is not None:
+        say(f"[driver] MLflow run {run_id} in {cfg.mlflow_uri} (experiment {cfg.mlflow_experiment!r}); "
+            f"view with: {tracking.ui_command(cfg.mlflow_uri)}")
 
     try:
         if num_workers == 0:
@@ -1010,13 +1023,13 @@ def run_training(cfg: TrainConfig, num_workers: int = 2, use_gpu: bool = False, 
             checkpoint_path = result.checkpoint.path if result.checkpoint is not None else None
     except BaseException as e:
         cause = _worker_error(e)
-        if tracking.run_status(cfg.mlflow_uri, run_id) not in ("FINISHED",):
+        if run_id is not None and tracking.run_status(cfg.mlflow_uri, run_id) != "FINISHED":
             status = "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED"
             tracking.mark_run_failed(cfg.mlflow_uri, run_id, cause, status)
         if cause is not e and isinstance(cause, Exception):
             raise cause from e  # the worker's own error (e.g. NonFiniteLossError), not Ray's wrapper
         raise
-    if tracking.run_status(cfg.mlflow_uri, run_id) == "RUNNING":
+    if run_id is not None and tracking.run_status(cfg.mlflow_uri, run_id) == "RUNNING":
         from mlflow import MlflowClient
 
         MlflowClient(cfg.mlflow_uri).set_terminated(run_id, "FINISHED")
