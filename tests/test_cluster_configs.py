@@ -211,9 +211,32 @@ def test_kuberay_rayjob_runs_the_k_ablation_on_that_cluster():
     assert argv[argv.index("--table") + 1] == "k"
     assert [int(v) for v in argv[argv.index("--values") + 1].split(",")] == [3, 5, 7, 9, 11, 13, 15, 17, 19]
     assert argv[argv.index("--storage-path") + 1].startswith("s3://")
+    # A reclaimed spot node restarts the trial from its last checkpoint instead of failing it.
+    assert int(argv[argv.index("--max-failures") + 1]) >= 1
     env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
     assert float(env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"]) >= 600
 
+
+def test_rayjob_entrypoint_is_accepted_by_the_job_and_plans_gpu1_trials():
+    """The RayJob's command line, dry-run by the real jobs/ablation.py on a declared GPU cluster."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    job = _kuberay_docs()[("RayJob", "atss-k-ablation")]
+    argv = shlex.split(job["spec"]["entrypoint"])
+    argv[:2] = [sys.executable, str(REPO / "jobs" / "ablation.py")]
+    env = {**os.environ, "ATSS_TRIAL_DEVICE": "gpu"}
+    out = subprocess.run([*argv, "--dry-run", "--json"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    trials = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(trials) == 9
+    for trial in trials:
+        res = trial["resources"]
+        assert res["node_class"] == "gpu1" and res["global_batch"] == 16
+        assert res["resources_per_worker"] == plan_for("R-50").resources_per_worker()
 
 def test_runtime_env_file_is_a_valid_ray_runtime_env():
     from ray.runtime_env import RuntimeEnv
