@@ -5,7 +5,8 @@
     python bench/assigner.py --images 4 --gts 10,100   # smaller
 
 Both implementations must give identical assignments (checked on every case; the script exits
-non-zero otherwise). Reports time, the speed-up ratio and the peak extra memory of each: on CPU the
+non-zero otherwise). Reports time (median of up to --repeats runs), the speed-up ratio and the
+peak extra memory of each: on CPU the
 growth of the process's peak RSS during the call (each measurement in a fresh subprocess), on CUDA
 ``torch.cuda.max_memory_allocated``. The loop reference is written the way the official code does
 it per GT: full IoU/distance columns over all anchors, a stable sort per level, an anchors x GTs
@@ -79,7 +80,8 @@ def make_inputs(num_images: int, num_gts: int, height: int, width: int, seed: in
     return anchor_set.anchors, anchor_set.num_per_level, boxes.to(device)
 
 
-def _run(method: str, images: int, gts: int, height: int, width: int, device: str, threads: int, queue) -> None:
+def _run(method: str, images: int, gts: int, height: int, width: int, device: str, threads: int, repeats: int,
+         queue) -> None:
     torch.set_num_threads(threads)
     anchors, counts, gt = make_inputs(images, gts, height, width, device=device)
     if method == "batched":
@@ -95,11 +97,16 @@ def _run(method: str, images: int, gts: int, height: int, width: int, device: st
         base = torch.cuda.memory_allocated()
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    t0 = time.perf_counter()
-    result = fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    # Median of up to `repeats` runs (fewer once 30 s have been spent): the box is shared, and a
+    # single run can be slowed by other jobs. Memory is the peak over all runs.
+    times = []
+    while len(times) < repeats and sum(times) < 30.0:
+        t0 = time.perf_counter()
+        result = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    seconds = sorted(times)[len(times) // 2]
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
@@ -107,11 +114,12 @@ def _run(method: str, images: int, gts: int, height: int, width: int, device: st
     queue.put({"seconds": seconds, "peak_bytes": max(peak, 0), "result": result.cpu().numpy()})
 
 
-def measure(method: str, images: int, gts: int, height: int, width: int, device: str, threads: int) -> dict:
+def measure(method: str, images: int, gts: int, height: int, width: int, device: str, threads: int,
+            repeats: int = 3) -> dict:
     """Run one case in a fresh process so peak-memory figures do not leak between cases."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_run, args=(method, images, gts, height, width, device, threads, queue))
+    proc = ctx.Process(target=_run, args=(method, images, gts, height, width, device, threads, repeats, queue))
     proc.start()
     out = queue.get()
     proc.join()
@@ -127,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads for both (1: stable figures on a shared machine)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per case (median reported)")
     parser.add_argument("--full", action="store_true", help="GPU size: CUDA if available, adds 2000 GTs")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON too")
     args = parser.parse_args(argv)
@@ -142,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(header))
     rows, ok = [], True
     for gts in [int(x) for x in args.gts.split(",")]:
-        ref = measure("loop", args.images, gts, args.height, args.width, args.device, args.threads)
-        new = measure("batched", args.images, gts, args.height, args.width, args.device, args.threads)
+        ref = measure("loop", args.images, gts, args.height, args.width, args.device, args.threads,
+                      args.repeats)
+        new = measure("batched", args.images, gts, args.height, args.width, args.device, args.threads,
+                      args.repeats)
         same = bool((ref["result"] == new["result"]).all())
         ok &= same
         row = {"gts_per_image": gts, "loop_s": ref["seconds"], "batched_s": new["seconds"],

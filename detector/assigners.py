@@ -145,9 +145,10 @@ def _level_grid(centers: Tensor, a: int) -> tuple[int, int, float, float, float,
     sy = float(loc[(h - 1) * w, 1] - loc[0, 1]) / (h - 1) if h > 1 else 1.0
     if not (sx > 0 and sy > 0):
         return None
-    idx = torch.arange(n, device=c.device) // a
-    nominal = torch.stack([x0 + (idx % w).double() * sx, y0 + (idx // w).double() * sy], dim=1)
-    tol = float((c - nominal).norm(dim=1).max())
+    grid = c.view(h, w, a, 2)
+    dx = grid[..., 0] - (x0 + torch.arange(w, device=c.device, dtype=c.dtype) * sx)[None, :, None]
+    dy = grid[..., 1] - (y0 + torch.arange(h, device=c.device, dtype=c.dtype) * sy)[:, None, None]
+    tol = float(dx.hypot(dy).max())
     if not tol <= 0.01 * min(sx, sy):
         return None
     return h, w, x0, y0, sx, sy, tol

@@ -296,6 +296,7 @@ _TINY = dict(
     gn_groups=8,
 )
 
+# Preset name -> field overrides of DetectorConfig ("tiny" is "atss_tiny").
 PRESETS: dict[str, dict[str, Any]] = {
     "atss_r50": {},
     "retinanet_r50": _RETINANET,
@@ -307,7 +308,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fcos_tiny": {**_FCOS, **_TINY},
     "atss_fcos_tiny": {**_ATSS_FCOS, **_TINY},
 }
-"""Preset name -> field overrides of :class:`DetectorConfig` (``tiny`` is ``atss_tiny``)."""
 
 
 def get_preset(name: str, **overrides: Any) -> DetectorConfig:
