@@ -47,6 +47,7 @@ LOSS_KEYS = ("loss_cls", "loss_reg", "loss_centerness")
 ASSIGN_KEYS = ("num_gt", "num_pos", "pos_per_gt", "gt_without_pos",
                "pos_level_0", "pos_level_1", "pos_level_2", "pos_level_3", "pos_level_4")
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+WARMUP_STEPS = 2  # iterations left out of the images/s figure (first-step initialisation)
 _MARKERS = "atss"  # our files inside <storage>/<run name>/, beside Ray's checkpoint_* folders
 
 
@@ -666,8 +667,9 @@ def _log_final_artifacts(model, tracker: _Tracker, cfg: TrainConfig, eval_metric
 def _train(cfg: TrainConfig, session: _Session) -> dict:
     """The loop every worker runs; returns rank 0's summary (``result.return_value`` under Ray):
     ``iteration``, ``metrics`` (the last report), ``eval`` (final COCO metrics incl. ``per_category``),
-    ``checkpoint`` (plain runs), ``mlflow_run_id``, ``train_s`` and ``train_images_per_s`` (data and
-    optimisation time only); ``{}`` on the other ranks."""
+    ``checkpoint`` (plain runs), ``mlflow_run_id``, ``train_s`` / ``train_cpu_s`` (wall / process CPU
+    time of data loading and steps after the warm-up), ``steady_images`` and ``train_images_per_s``;
+    ``{}`` on the other ranks."""
     from detector import build_detector
     from pipeline.data import build_dataloader, build_dataset
 
@@ -755,14 +757,16 @@ def _train(cfg: TrainConfig, session: _Session) -> dict:
         eval_metrics: Optional[dict] = None
         model.train()
         data_iter = iter(loader)
-        train_time = 0.0  # data + step time only (no evaluation or checkpoint writing): images/s
-        images_done = 0
+        # images/s of the loop: data + step time only (no evaluation, checkpoint or logging), after
+        # WARMUP_STEPS iterations of each attempt (lazy initialisation, allocator warm-up)
+        train_time = train_cpu = 0.0
+        steady_images = 0
         reported: dict[str, Any] = {}
         checkpoint_path: Optional[str] = None
         last_checkpoint_iteration = start  # where a retry would resume
         for it in range(start, schedule.max_iter):
             _maybe_inject_failure(cfg, session, it)
-            t_data = time.perf_counter()
+            t_data, cpu_data = time.perf_counter(), time.process_time()
             images, targets = next(data_iter)
             images, targets = _to_device(images, targets, device)
             data_time = time.perf_counter() - t_data
@@ -776,12 +780,14 @@ def _train(cfg: TrainConfig, session: _Session) -> dict:
                         "resume_iteration": last_checkpoint_iteration})
                     print(f"[train] {e}; the last good checkpoint is kept", file=sys.stderr, flush=True)
                 raise
-            train_time += time.perf_counter() - t_data
+            if it >= start + WARMUP_STEPS:
+                train_time += time.perf_counter() - t_data
+                train_cpu += time.process_time() - cpu_data
+                steady_images += per_worker * world
             stats = ckpt_lib.unwrap(model).assign_stats
             window.add({**{f"train/{k}": v for k, v in out.losses.items()}, "train/grad_norm": out.grad_norm,
                         **{f"assign/{k}": stats.get(k, 0.0) for k in ASSIGN_KEYS}},
                        per_worker * world, data_time)
-            images_done += per_worker * world
             done = it + 1
             last = done == schedule.max_iter
 
@@ -825,8 +831,8 @@ def _train(cfg: TrainConfig, session: _Session) -> dict:
         if session.rank == 0:
             summary = {"iteration": max(start, schedule.max_iter), "metrics": reported, "eval": eval_metrics,
                        "checkpoint": checkpoint_path, "mlflow_run_id": tracker.run_id,
-                       "train_s": train_time,
-                       "train_images_per_s": images_done / train_time if train_time > 0 else None}
+                       "train_s": train_time, "train_cpu_s": train_cpu, "steady_images": steady_images,
+                       "train_images_per_s": steady_images / train_time if train_time > 0 else None}
             if eval_metrics is not None:
                 print(f"[train] done: {schedule.max_iter} iterations, COCO AP {eval_metrics['AP']:.4f} "
                       f"(AP50 {eval_metrics['AP50']:.4f})", flush=True)
@@ -918,6 +924,7 @@ class TrainResult:
     wall_s: float  # the whole call, worker start-up and evaluation included
     eval: Optional[dict] = None  # final COCO metrics incl. per_category
     train_images_per_s: Optional[float] = None  # global images/s of the loop (data + steps only)
+    summary: dict = field(default_factory=dict)  # rank 0's full summary (see _train)
 
     @property
     def ap(self) -> Optional[float]:
@@ -1037,7 +1044,7 @@ def run_training(cfg: TrainConfig, num_workers: int = 2, use_gpu: bool = False, 
                       iteration=int(summary.get("iteration", metrics.get("iteration", 0))),
                       metrics=metrics, checkpoint_path=checkpoint_path, mlflow_run_id=run_id,
                       tracking_uri=cfg.mlflow_uri, wall_s=time.perf_counter() - t0, eval=summary.get("eval"),
-                      train_images_per_s=summary.get("train_images_per_s"))
+                      train_images_per_s=summary.get("train_images_per_s"), summary=dict(summary))
     if res.ap is not None:
         say(f"[driver] finished at iteration {res.iteration}: COCO AP {res.ap:.4f}; checkpoint {checkpoint_path}")
     return res
