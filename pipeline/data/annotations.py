@@ -77,13 +77,15 @@ class AnnotationTable:
         if not self.categories:
             raise AnnotationError(f"{self.source}: no 'categories' in the file")
         cmap = self.category_map
-        unknown = cmap.to_labels(self.category_ids) == 0
-        if unknown.any():
-            j = int(np.flatnonzero(unknown)[0])
-            raise AnnotationError(
-                f"{self.source}: annotation id {int(self.ann_ids[j])} has unknown category_id "
-                f"{int(self.category_ids[j])} ({int(unknown.sum())} annotation(s) in all; "
-                f"known ids: {list(cmap.ids)})")
+        step = 1 << 16  # chunks bound the temporaries: a training worker keeps little beyond the table
+        for s in range(0, self.num_boxes, step):
+            unknown = cmap.to_labels(self.category_ids[s:s + step]) == 0
+            if unknown.any():
+                j = s + int(np.flatnonzero(unknown)[0])
+                total = int((cmap.to_labels(self.category_ids) == 0).sum())
+                raise AnnotationError(
+                    f"{self.source}: annotation id {int(self.ann_ids[j])} has unknown category_id "
+                    f"{int(self.category_ids[j])} ({total} annotation(s) in all; known ids: {list(cmap.ids)})")
         return cmap
 
     def to_coco_dict(self) -> dict:

@@ -72,7 +72,7 @@ class CocoDetection(torch.utils.data.Dataset):
             raise FileNotFoundError(f"image directory not found: {self.image_dir} (annotations: {ann_file})")
         keep = (not train) if keep_coco is None else keep_coco
         self.table, self._coco = AnnotationTable.load(ann_file, keep_coco=keep)
-        self.category_map: CategoryMap = self.table.validate_categories()
+        self.category_map: CategoryMap = self.table.category_map  # ids were validated on load
         self.transform = transform or DetectionTransform(flip_prob=0.5 if train else 0.0)
         self.min_box_size = float(min_box_size)
         self.max_bad_fraction = float(max_bad_fraction)

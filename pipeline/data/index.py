@@ -94,9 +94,16 @@ def build_index(ann_file: str | os.PathLike, out: str | os.PathLike) -> Annotati
     return table
 
 
+def _single(col: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """One array for a column; a single chunk is used as is (``combine_chunks`` would copy it)."""
+    if isinstance(col, pa.ChunkedArray):
+        return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    return col
+
+
 def _flat(col: pa.ChunkedArray | pa.Array, depth: int) -> tuple[np.ndarray, np.ndarray]:
     """(offsets int64[N+1], flat values numpy) of a list column, ``depth`` list levels deep."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    arr = _single(col)
     offsets = arr.offsets.to_numpy().astype(np.int64)
     values = arr.values
     for _ in range(depth - 1):
@@ -142,10 +149,10 @@ def read_index(path: str | os.PathLike) -> AnnotationTable:
     flat = {name: v[first * (4 if name == "boxes" else 1):] for name, (_, v) in cols.items()}
     table = AnnotationTable(
         source=str(path),
-        image_ids=arrow.column("image_id").to_numpy(),
-        file_names=arrow.column("file_name").combine_chunks(),
-        heights=arrow.column("height").to_numpy(),
-        widths=arrow.column("width").to_numpy(),
+        image_ids=_single(arrow.column("image_id")).to_numpy(),
+        file_names=_single(arrow.column("file_name")),
+        heights=_single(arrow.column("height")).to_numpy(),
+        widths=_single(arrow.column("width")).to_numpy(),
         offsets=offsets - first,
         ann_ids=flat["ann_ids"],
         boxes=flat["boxes"].reshape(-1, 4),
