@@ -14,7 +14,7 @@ and whether the paper's ordering ATSS > FCOS > RetinaNet (#A=1) holds.
 reports mean and spread, to tell an ordering from noise: one short run on a small dataset can
 differ by more than the paper's 1-2 AP gaps.
 
-    python bench/accuracy.py                 # 3 models x 300 iterations, batch 8, 160 px (CPU)
+    python bench/accuracy.py                 # 3 models x 200 iterations x 8 images of ~160 px (~6 min, 2 idle cores)
     python bench/accuracy.py --models retinanet_a1,atss,fcos,atss_fcos,retinanet_a9
     python bench/accuracy.py --full          # GPU: 2000 synthetic images, 3000 iterations, 3 seeds
     python bench/accuracy.py --json          # + the figures as one JSON object on the last line
@@ -63,6 +63,8 @@ def train_config(model: str, seed: int, args, storage: str) -> TrainConfig:
     if "torch_threads" in fields:
         extra["torch_threads"] = args.threads
     data = {"synthetic_train_images": args.train_images, "synthetic_val_images": args.val_images}
+    if args.cache_dir:
+        data["cache_dir"] = args.cache_dir
     if args.image_size:
         data.update(train_min_size=args.image_size, test_min_size=args.image_size, max_size=args.image_size * 8 // 5)
     return TrainConfig(
@@ -154,6 +156,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     p.add_argument("--device", help="cpu / cuda (default: cuda with --full when available)")
+    p.add_argument("--cache-dir", help="synthetic data cache (default: the data layer's, ~/.cache/atss_ray)")
     p.add_argument("--storage", help="keep the runs' checkpoints and results here (default: a temporary folder)")
     p.add_argument("--log-period", type=int, default=100)
     p.add_argument("--verbose", action="store_true", help="the training loop's progress lines")
@@ -167,7 +170,7 @@ def parse_args(argv=None):
         args.seeds = [int(s) for s in (args.seeds or ("0,1,2" if full else "0")).split(",")]
     except ValueError:
         p.error(f"--seeds must be a comma list of integers, got {args.seeds!r}")
-    args.iterations = args.iterations or (3000 if full else 300)
+    args.iterations = args.iterations or (3000 if full else 200)
     args.batch = args.batch or (16 if full else 8)
     args.train_images = args.train_images or (2000 if full else 300)
     args.val_images = args.val_images or (500 if full else 50)
