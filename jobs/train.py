@@ -27,10 +27,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# What the default (no-argument) run uses on a CPU box: bench/scaling.py and docs/training.md
-# explain the numbers. One Ray worker with both cores' threads beats two 1-thread workers here.
+# What the default (no-argument) run uses on a CPU box; bench/scaling.py and docs/training.md have
+# the numbers. Two 1-CPU workers (one torch thread each): multi-threaded ops on a 2-core machine that
+# is also busy with anything else run ~20x slower (threads wait on each other), 1-thread workers don't.
 TINY_DEFAULTS = dict(batch_size=8, iterations=300, base_lr=0.02, log_period=20, checkpoint_period=100)
-DEFAULT_WORKERS_CPU = 1
+DEFAULT_WORKERS_CPU = 2
 
 
 def _literal(text: str):

@@ -297,6 +297,13 @@ class _Session:
     def latest_state(self) -> Optional[dict]:
         raise NotImplementedError
 
+    def checkpoint_metrics(self) -> dict:
+        """Metrics saved with the latest checkpoint (plain runs; Ray's driver has ``result.metrics``)."""
+        return {}
+
+    def latest_checkpoint_path(self) -> Optional[str]:
+        return None
+
     def report(self, metrics: dict, checkpoint: bool = False, state: Optional[dict] = None,
                files: Optional[dict] = None) -> Optional[str]:
         """Report metrics; all ranks call it equally often and with the same ``checkpoint`` flag.
@@ -367,6 +374,16 @@ class _LocalSession(_Session):
     def latest_state(self):
         found = self._checkpoints()
         return ckpt_lib.load_state(found[-1]) if found else None
+
+    def latest_checkpoint_path(self):
+        found = self._checkpoints()
+        return str(found[-1]) if found else None
+
+    def checkpoint_metrics(self):
+        path = self.latest_checkpoint_path()
+        if path and Path(path, "metrics.json").is_file():
+            return json.loads(Path(path, "metrics.json").read_text())
+        return {}
 
     def report(self, metrics, checkpoint=False, state=None, files=None):
         self.last_metrics = dict(metrics)
@@ -522,6 +539,25 @@ def _restore_rng(rng: Optional[dict], session: _Session) -> bool:
         return False  # a different worker count: data order is still exact, augmentation seeds too
     ckpt_lib.set_rng_state(per_rank[session.rank])
     return True
+
+
+def _load_training_state(optimizer, scheduler, schedule: Schedule, cfg: TrainConfig, state: dict,
+                         iteration: int) -> None:
+    """Momentum buffers and the scheduler position from the checkpoint; LRs, decay and LR steps from
+    the *current* config, so a run resubmitted with a lower LR or a longer schedule uses it (the
+    way out of a NaN: same run name, lower ``base_lr``)."""
+    fresh = [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups]
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scheduler.steps = list(schedule.steps)
+    scheduler.gamma = schedule.gamma
+    scheduler.warmup_iters = schedule.warmup_iters
+    scheduler.warmup_factor = schedule.warmup_factor
+    scheduler.base_lrs = [lr for lr, _ in fresh]
+    factor = schedule.lr_factor(iteration)
+    for group, (lr, wd) in zip(optimizer.param_groups, fresh):
+        group.update(initial_lr=lr, lr=lr * factor, weight_decay=wd, momentum=cfg.momentum)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def _maybe_inject_failure(cfg: TrainConfig, session: _Session, iteration: int) -> None:
@@ -696,10 +732,9 @@ def _train(cfg: TrainConfig, session: _Session) -> dict:
     start = 0
     if state is not None:
         model.load_state_dict(state["model"])
-        if "optimizer" in state:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
         start = int(state["iteration"])
+        if "optimizer" in state:
+            _load_training_state(optimizer, scheduler, schedule, cfg, state, start)
         same_rng = _restore_rng(state.get("rng"), session)
         if session.rank == 0:
             note = "" if same_rng else " (different worker count: RNG states not restored)"
@@ -833,11 +868,17 @@ def _train(cfg: TrainConfig, session: _Session) -> dict:
                        "checkpoint": checkpoint_path, "mlflow_run_id": tracker.run_id,
                        "train_s": train_time, "train_cpu_s": train_cpu, "steady_images": steady_images,
                        "train_images_per_s": steady_images / train_time if train_time > 0 else None}
-            if eval_metrics is not None:
-                print(f"[train] done: {schedule.max_iter} iterations, COCO AP {eval_metrics['AP']:.4f} "
-                      f"(AP50 {eval_metrics['AP50']:.4f})", flush=True)
-            _log_final_artifacts(model, tracker, cfg, eval_metrics,
-                                 checkpoint_state(schedule.max_iter, with_training_state=False), out_dir)
+            if start >= schedule.max_iter:
+                print(f"[train] this run already finished at iteration {start}; nothing to do (a new run "
+                      "name starts over, more iterations continue it)", flush=True)
+                summary["metrics"] = session.checkpoint_metrics()
+                summary["checkpoint"] = session.latest_checkpoint_path()
+            else:
+                if eval_metrics is not None:
+                    print(f"[train] done: {schedule.max_iter} iterations, COCO AP {eval_metrics['AP']:.4f} "
+                          f"(AP50 {eval_metrics['AP50']:.4f})", flush=True)
+                _log_final_artifacts(model, tracker, cfg, eval_metrics,
+                                     checkpoint_state(schedule.max_iter, with_training_state=False), out_dir)
     return summary if session.rank == 0 else {}
 
 
@@ -990,13 +1031,14 @@ def run_training(cfg: TrainConfig, num_workers: int = 2, use_gpu: bool = False, 
     previous = _has_checkpoints(run_dir)
     if require_resume and not previous:
         raise FileNotFoundError(f"nothing to resume: no checkpoint under {run_dir.uri}")
-    say = print if verbose else (lambda *a, **k: None)
+    leader = num_workers > 0 or int(os.environ.get("RANK", "0")) == 0  # torchrun: rank 0 is the driver
+    say = print if verbose and leader else (lambda *a, **k: None)
     say(f"[driver] run {cfg.run_name}: {'resuming from ' if previous else 'checkpoints to '}{run_dir.uri}")
     say(f"[driver] {cfg.schedule_().describe()}; {max(num_workers, 1)} worker(s) x "
         f"{cfg.batch_size // max(num_workers, 1)} images")
 
     run_id = cfg.mlflow_run_id
-    if run_id is None and cfg.mlflow_enabled:
+    if run_id is None and cfg.mlflow_enabled and leader:
         known = run_dir.read_json("mlflow_run.json")
         if known and known.get("tracking_uri") == cfg.mlflow_uri:
             run_id = known["run_id"]

@@ -104,6 +104,16 @@ def test_killed_run_resumes_at_the_exact_iteration_with_identical_weights(tmp_pa
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged from the uninterrupted one"
     kept = sorted(p.name for p in Path(again.run_dir).glob("checkpoint_*"))
     assert kept == ["checkpoint_000000004", "checkpoint_000000006"]  # checkpoints_to_keep=2
+
+    # a finished run submitted again does nothing; a longer schedule with another LR continues it
+    done = run_training(cfg, num_workers=0, verbose=False)
+    assert done.iteration == 6 and done.metrics["iteration"] == 6 and done.checkpoint_path == again.checkpoint_path
+    longer = run_training(cfg.replace(iterations=8, lr_steps=[100], base_lr=0.08), num_workers=0, verbose=False)
+    assert longer.iteration == 8
+    groups = ck.load_state(longer.checkpoint_path)["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == pytest.approx([0.01, 0.02])  # 0.08 @ 16 -> 0.01 @ 2; biases x2
+    tags = client.get_run(run.info.run_id).data.tags
+    assert tags["resumed_with.train.iterations"] == "8" and tags["resumed_with.train.base_lr"] == "0.08"
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         run_training(_cfg(tmp_path, data_cache, run_name="fresh"), num_workers=0, require_resume=True)
 
