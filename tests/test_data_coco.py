@@ -8,8 +8,8 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from pipeline.data import (CategoryMap, CocoDetection, DataConfig, DetectionTransform, build_dataset, collate,
-                           read_image)
+from pipeline.data import (CategoryMap, CocoDetection, DataConfig, DetectionTransform, build_dataset, build_index,
+                           collate, read_image)
 from pipeline.data.transforms import denormalize
 
 pytestmark = pytest.mark.coco
@@ -131,3 +131,15 @@ def test_testdev_image_info_without_annotations(shared_data):
     assert image.shape[1:] == t["image_size"] and min(t["image_size"]) == 200
     with pytest.raises(Exception, match="no image has a usable"):
         CocoDetection(root / "annotations/image_info_test-dev2017.json", root / "test2017", train=True)
+
+
+def test_testdev_image_info_through_an_index(shared_data, tmp_path):
+    root = shared_data / "coco_testdev_sample"
+    idx = tmp_path / "test-dev.parquet"
+    build_index(root / "annotations/image_info_test-dev2017.json", idx)
+    ds = CocoDetection(idx, root / "test2017", train=False, transform=DetectionTransform(200, 333))
+    ref = CocoDetection(root / "annotations/image_info_test-dev2017.json", root / "test2017", train=False,
+                        transform=DetectionTransform(200, 333))
+    assert ds.image_ids.tolist() == ref.image_ids.tolist() and not ds.table.has_annotations
+    assert torch.equal(ds[4][0], ref[4][0]) and ds.category_map == ref.category_map
+    assert "annotations" not in ds.coco.dataset and len(ds.coco.imgs) == 10
