@@ -1062,9 +1062,9 @@ def run_training(cfg: TrainConfig, num_workers: int = 2, use_gpu: bool = False, 
 
             _driver_env()
             if not ray.is_initialized():
-                ray.init(runtime_env={"env_vars": {k: os.environ[k] for k in
-                                                   ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
-                                                    "RAY_TRAIN_ENABLE_PRINT_PATCH")}})
+                # RAY_ADDRESS (set under `ray job submit`) or a new local cluster. No runtime_env here:
+                # a job's own runtime_env would conflict, and Train V2 passes RAY_TRAIN_* variables on.
+                ray.init()
             trainer = build_trainer(cfg, num_workers, use_gpu, resources_per_worker, max_failures, callbacks)
             result = trainer.fit()
             summary = result.return_value or {}
