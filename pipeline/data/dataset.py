@@ -40,7 +40,7 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
 
 
 class CocoDetection(torch.utils.data.Dataset):
-    """COCO-format detection data from an instances json (pycocotools) or a Parquet index.
+    """COCO-format detection data from an instances json (pycocotools) or a ``.parquet``/``.arrow`` index.
 
     ``__getitem__(key)`` takes an index, or ``(index, seed)`` from the training samplers so the
     random resize/flip of every sample is reproducible whatever the worker layout, and returns
