@@ -22,6 +22,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/assigner.py
+	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/accuracy.py
+	$(BIN)/python bench/scaling.py
+	$(BIN)/python bench/eval.py
+	$(BIN)/python bench/annotation_index.py
 
 clean:
 	rm -rf $(VENV) mlruns mlflow.db ray_results .pytest_cache
