@@ -182,7 +182,8 @@ def test_one_worker_batch4_equals_two_workers_batch2(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(tmp_path / "r.pt")), nprocs=2, join=True)
+    # fork: the ranks inherit the imported modules (spawn re-imports torch and the detector, ~10 s each)
+    mp.start_processes(_worker, args=(port, str(tmp_path / "r.pt")), nprocs=2, join=True, start_method="fork")
     dist = torch.load(tmp_path / "r.pt")
     for k, v in single_losses.items():
         assert dist["losses"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
