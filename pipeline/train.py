@@ -941,16 +941,19 @@ def check_data_paths(cfg: TrainConfig) -> None:
     data_cfg = cfg.data_config()
     splits = ["train"] + (["val"] if cfg.eval_at_end or cfg.eval_period else [])
     for split in splits:
+        hint = " (evaluation needs the val split; --no-eval / eval_at_end=False skips it)" if split == "val" else ""
         try:
             ann, images = resolve_split(data_cfg, split)
         except (ValueError, FileNotFoundError) as e:
-            raise type(e)(f"data for the {split} split: {e}") from None
+            raise type(e)(f"data for the {split} split: {e}{hint}") from None
         if "://" in ann:
             continue
         if not Path(ann).is_file():
-            raise FileNotFoundError(f"{split} annotation file not found: {ann} (data source {data_cfg.source!r})")
+            raise FileNotFoundError(f"{split} annotation file not found: {ann} (data source "
+                                    f"{data_cfg.source!r}){hint}")
         if not Path(images).is_dir():
-            raise FileNotFoundError(f"{split} image folder not found: {images} (data source {data_cfg.source!r})")
+            raise FileNotFoundError(f"{split} image folder not found: {images} (data source "
+                                    f"{data_cfg.source!r}){hint}")
 
 
 @dataclass
