@@ -22,7 +22,6 @@ value. No Ray and no MLflow in this module (see :mod:`pipeline.sweep`).
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import math

@@ -23,10 +23,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import math
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +126,8 @@ def resolve_paths(cfg: SweepConfig, cwd: Optional[str | os.PathLike] = None) -> 
     storage = cfg.storage_path or str(base / "ray_results")
     if "://" not in storage:
         storage = str((base / Path(storage).expanduser()).resolve())
-    uri = tracking.absolute_tracking_uri(cfg.mlflow_uri, base) if cfg.mlflow_uri else tracking.default_tracking_uri(base)
+    uri = (tracking.absolute_tracking_uri(cfg.mlflow_uri, base) if cfg.mlflow_uri
+           else tracking.default_tracking_uri(base))
     return dataclasses.replace(cfg, storage_path=storage, mlflow_uri=uri)
 
 
@@ -258,7 +257,12 @@ def _run_trial(config: dict, jobs: dict) -> None:
     run_dir = RunDir(cfg.storage_path, cfg.run_name)
     known = run_dir.read_json("mlflow_run.json")
     if known and known.get("tracking_uri") == cfg.mlflow_uri:
-        run_id = known["run_id"]
+        run_id = known["run_id"]  # a restored sweep: this trial's run continues
+        from mlflow import MlflowClient
+
+        client = MlflowClient(cfg.mlflow_uri)
+        if "ablation.stopped" in client.get_run(run_id).data.tags:
+            client.delete_tag(run_id, "ablation.stopped")
     else:
         run_id = tracking.create_run(cfg.mlflow_uri, cfg.mlflow_experiment, job["run_label"],
                                      cfg.mlflow_parent_run_id, {**cfg.mlflow_tags, "atss.run_dir": run_dir.uri})
@@ -328,6 +332,14 @@ def load_state(cfg: SweepConfig, name: str) -> Optional[dict]:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
 def _ensure_ray(verbose: bool) -> None:
     import ray
 
@@ -337,11 +349,26 @@ def _ensure_ray(verbose: bool) -> None:
         # An existing cluster (``ray job submit`` sets RAY_ADDRESS): the job's runtime env applies;
         # the trials set RAY_ENV themselves.
         ray.init()
-    else:
-        for k, v in RAY_ENV.items():
-            os.environ.setdefault(k, v)
-        ray.init(runtime_env={"env_vars": {k: os.environ[k] for k in RAY_ENV}},
-                 log_to_driver=verbose, configure_logging=True, logging_level="warning")
+        return
+    for k, v in RAY_ENV.items():
+        os.environ.setdefault(k, v)
+    # Concurrent trials print similar lines; Ray's deduplication would fold them into one.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    env = {k: os.environ[k] for k in RAY_ENV}
+    # Ray Train's placement-group cleaner (which frees the resources of a trial that ASHA stops)
+    # finds its cluster through RAY_ADDRESS, else by scanning this machine's processes, which
+    # fails when another Ray cluster runs here too. A local cluster on a port we choose can tell
+    # every worker its address up front.
+    port = os.environ.get("RAY_GCS_SERVER_PORT") or str(_free_port())
+    env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    previous = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = port
+    try:
+        ray.init(runtime_env={"env_vars": env}, log_to_driver=verbose, configure_logging=True,
+                 logging_level="warning")
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
 
 
 def _max_concurrent(cfg: SweepConfig, jobs: list[TrialJob], device: str) -> Optional[int]:
@@ -437,6 +464,9 @@ def execute_sweep(prep: PreparedSweep, say=print) -> SweepResult:
             cfg.mlflow_uri)
     else:
         client.update_run(parent_run_id, status="RUNNING")
+        for tag in ("ablation.unfinished", "error"):
+            if tag in client.get_run(parent_run_id).data.tags:
+                client.delete_tag(parent_run_id, tag)
     jobs = plan_jobs(plan, cfg, name, device, parent_run_id)
     (out / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=1))
     (out / STATE_FILE).write_text(json.dumps({"name": name, "parent_run_id": parent_run_id, "device": device,
@@ -446,7 +476,7 @@ def execute_sweep(prep: PreparedSweep, say=print) -> SweepResult:
 
     try:
         grid = _fit(plan, cfg, jobs, name, device, restore=state is not None, say=say)
-        results = _collect(grid, jobs)
+        results = _collect(grid, jobs, _tune_statuses(str(sweep_dir(cfg, name))))
     except BaseException as e:
         tracking.mark_run_failed(cfg.mlflow_uri, parent_run_id, e,
                                  "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
@@ -474,7 +504,14 @@ def execute_sweep(prep: PreparedSweep, say=print) -> SweepResult:
                                              "trials_failed": int((df["status"] == "error").sum())}, 0, cfg.mlflow_uri)
         client.set_tag(parent_run_id, "ablation.best_row", str(best["label"]))
     failed = df[df["status"] == "error"]
-    if len(failed) == len(df):
+    unfinished = df[df["status"].isin(("missing", "interrupted"))]
+    if len(unfinished):
+        # Tune was interrupted (Ctrl-C, a lost driver): its state is saved; the same name resumes.
+        client.set_tag(parent_run_id, "ablation.unfinished", str(len(unfinished)))
+        client.set_terminated(parent_run_id, "KILLED")
+        say(f"[sweep] {len(unfinished)} trial(s) did not finish; resume with the same sweep name: "
+            f"--name {name} --storage-path {cfg.storage_path}")
+    elif len(failed) == len(df):
         tracking.mark_run_failed(cfg.mlflow_uri, parent_run_id, f"all {len(df)} trials failed; first: "
                                  f"{failed['error'].iloc[0]}")
     else:
@@ -520,7 +557,21 @@ def _fit(plan: SweepPlan, cfg: SweepConfig, jobs: list[TrialJob], name: str, dev
     return tuner.fit()
 
 
-def _collect(grid, jobs: list[TrialJob]) -> dict[int, dict]:
+def _tune_statuses(path: str) -> dict[str, str]:
+    """Trial name -> Tune's saved status: TERMINATED (finished or stopped by the scheduler), ERROR,
+    or PENDING/RUNNING for trials cut short by an interruption. Read from the experiment state on
+    disk, which Tune saves before it stops the trials of an interrupted sweep (in memory they then
+    look TERMINATED)."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        trials = ExperimentAnalysis(path).trials
+    except Exception:  # noqa: BLE001 - no state to read: treat every trial as Tune reported it
+        return {}
+    return {t.config.get("trial"): t.status for t in trials if isinstance(getattr(t, "config", None), dict)}
+
+
+def _collect(grid, jobs: list[TrialJob], statuses: dict[str, str]) -> dict[int, dict]:
     """Trial index -> its last reported metrics + status/error (ResultGrid rows have no checkpoint)."""
     by_name = {j.spec.name: j for j in jobs}
     out: dict[int, dict] = {}
@@ -534,6 +585,8 @@ def _collect(grid, jobs: list[TrialJob]) -> dict[int, dict]:
         max_iter = job.train_config["iterations"]
         if result.error is not None:
             status, error = "error", f"{type(result.error).__name__}: {result.error}".splitlines()[0][:300]
+        elif statuses.get(trial, "TERMINATED") not in ("TERMINATED", "ERROR"):
+            status, error = "interrupted", ""  # the sweep was stopped (Ctrl-C); its name resumes it
         elif iterations is not None and iterations < max_iter:
             status, error = f"stopped at {iterations}", ""
         elif any(m in metrics for m in METRICS):
