@@ -7,8 +7,9 @@ synthetic data, run the same number of iterations as
 * ``plain-1t``: ``run_training(num_workers=0)``, 1 torch thread: no Ray at all;
 * ``ray-1w``: one Ray Train worker with 1 CPU (1 thread): Ray's overhead against ``plain-1t``;
 * ``plain-2t``: the plain process with 2 threads (all cores);
-* ``ray-1w-2cpu``: one worker holding 2 CPUs (2 threads), the ``jobs/train.py`` default on CPU;
-* ``ray-2w``: two workers x 1 CPU, gloo DDP: the same 2 cores against ``plain-2t``.
+* ``ray-1w-2cpu``: one worker holding 2 CPUs (2 threads);
+* ``ray-2w``: two workers x 1 CPU, gloo DDP (the ``jobs/train.py`` default on CPU): the same 2 cores
+  against ``plain-2t``.
 
 Images/s count only data + step time of the loop (after 2 warm-up iterations), so Ray's start-up
 (worker group ~10-20 s) is reported separately as wall time. ``cpu img/s`` divides by the CPU time
@@ -36,6 +37,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+# As jobs/train.py does (before torch loads OpenMP); --omp-active measures the OpenMP default instead.
+if "--omp-active" not in sys.argv:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
@@ -90,16 +94,18 @@ def print_cpu_table(rows: list[dict]) -> dict:
         cpu = f"{r['cpu_images_per_s']:.2f}" if r["cpu_images_per_s"] else "-"
         print(f"| {r['config']} | {r['workers']} x {r['threads_per_worker']} | {r['images_per_s']:.2f} | {cpu} "
               f"| {r['wall_s']:.1f} |")
-    ratios = {
-        "ray-1w / plain-1t (Ray overhead, same thread)": by["ray-1w"]["images_per_s"] / by["plain-1t"]["images_per_s"],
-        "ray-1w-2cpu / plain-2t (Ray overhead, 2 threads)":
-            by["ray-1w-2cpu"]["images_per_s"] / by["plain-2t"]["images_per_s"],
-        "ray-2w / plain-2t (2 DDP workers vs 2 threads)": by["ray-2w"]["images_per_s"] / by["plain-2t"]["images_per_s"],
-        "ray-2w / ray-1w-2cpu": by["ray-2w"]["images_per_s"] / by["ray-1w-2cpu"]["images_per_s"],
-    }
-    print()
-    for k, v in ratios.items():
-        print(f"{k}: {v:.2f}")
+    pairs = {"ray-1w / plain-1t (Ray overhead, same thread)": ("ray-1w", "plain-1t"),
+             "ray-1w-2cpu / plain-2t (Ray overhead, 2 threads)": ("ray-1w-2cpu", "plain-2t"),
+             "ray-2w / plain-2t (2 DDP workers vs 2 threads)": ("ray-2w", "plain-2t"),
+             "ray-2w / ray-1w-2cpu": ("ray-2w", "ray-1w-2cpu")}
+    ratios = {}
+    print("\n| ratio | wall img/s | cpu img/s |\n|---|---|---|")
+    for label, (a, b) in pairs.items():
+        wall = by[a]["images_per_s"] / by[b]["images_per_s"]
+        cpu = (by[a]["cpu_images_per_s"] / by[b]["cpu_images_per_s"]
+               if by[a]["cpu_images_per_s"] and by[b]["cpu_images_per_s"] else float("nan"))
+        ratios[label] = {"wall": wall, "cpu": cpu}
+        print(f"| {label} | {wall:.2f} | {cpu:.2f} |")
     return ratios
 
 
@@ -228,6 +234,8 @@ def main() -> int:
     ap.add_argument("--iterations", type=int, default=40, help="training iterations per CPU configuration")
     ap.add_argument("--batch", type=int, default=4, help="global batch on CPU")
     ap.add_argument("--steps", type=int, default=10, help="timed / profiled steps")
+    ap.add_argument("--omp-active", action="store_true",
+                    help="keep OpenMP's default (spinning) wait policy instead of OMP_WAIT_POLICY=PASSIVE")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     out: dict = {}
@@ -242,7 +250,8 @@ def main() -> int:
                                       8, args.steps, "cuda", amp=True)
     else:
         print(f"training loop, tiny preset, synthetic data, global batch {args.batch}, "
-              f"{args.iterations} iterations per configuration ({os.cpu_count()} cores)")
+              f"{args.iterations} iterations per configuration ({os.cpu_count()} cores, "
+              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')})")
         rows = cpu_scaling(args.iterations, args.batch)
         out["cpu"] = rows
         out["ratios"] = print_cpu_table(rows)

@@ -27,9 +27,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+# Before torch loads OpenMP (here and in a local Ray cluster started from this process, whose workers
+# inherit it): idle OpenMP threads sleep instead of spinning. With the default (active) policy a
+# multi-threaded CPU process on a busy 2-core machine runs ~8x slower (docs/training.md, Throughput).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # What the default (no-argument) run uses on a CPU box; bench/scaling.py and docs/training.md have
-# the numbers. Two 1-CPU workers (one torch thread each): multi-threaded ops on a 2-core machine that
-# is also busy with anything else run ~20x slower (threads wait on each other), 1-thread workers don't.
+# the numbers. Two 1-CPU workers (one torch thread each): a multi-threaded worker on a busy machine
+# runs ~20x slower unless OMP_WAIT_POLICY=PASSIVE reaches it, which a `ray start` cluster does not do.
 TINY_DEFAULTS = dict(batch_size=8, iterations=300, base_lr=0.02, log_period=20, checkpoint_period=100)
 DEFAULT_WORKERS_CPU = 2
 
