@@ -13,6 +13,19 @@ SHARED_DATA = Path(os.environ.get("ATSS_SHARED_DATA", REPO.parent / "shared" / "
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+# Idle OpenMP threads spin on cores other processes (Ray workers) need; see docs/training.md.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread per test: on 2 shared cores, OpenMP barriers make 2 threads many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -15,15 +15,6 @@ STRIDES = (8, 16, 32, 64, 128)
 _BENCH = Path(__file__).resolve().parents[1] / "bench" / "assigner.py"
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on 2 shared cores, OpenMP barriers make 2 threads many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _reference():
     spec = importlib.util.spec_from_file_location("bench_assigner", _BENCH)
     module = importlib.util.module_from_spec(spec)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
 from detector import build_detector, get_preset
@@ -12,15 +11,6 @@ from detector.assigners import (IGNORE, crowd_ignore_mask, max_iou_assign, max_i
                                 spatial_scale_assign, spatial_scale_assign_batched)
 
 STRIDES = (8, 16, 32, 64, 128)
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on 2 shared cores, OpenMP barriers make 2 threads many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _quad():

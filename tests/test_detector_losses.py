@@ -13,14 +13,6 @@ from detector.anchors import AnchorSet
 from detector.losses import centerness_targets, giou_loss, reduce_mean_counts
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on 2 shared cores, OpenMP barriers make 2 threads many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 # Three 10 px anchors in a row; GT 0 = [0, 0, 12, 10] (label 2) takes anchor 0 (IoU 0.833 >= mean + std
 # = 0.766), GT 1 = [19, 0, 30, 10] (label 1) takes anchor 2 (IoU 0.909 >= 0.831); anchor 1 is background.
 ANCHORS = [[0.0, 0, 10, 10], [10.0, 0, 20, 10], [20.0, 0, 30, 10]]

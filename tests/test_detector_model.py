@@ -6,15 +6,6 @@ import torch
 
 from detector import PRESETS, ATSSDetector, build_detector, get_preset
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on 2 shared cores, OpenMP barriers make 2 threads many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _targets():
     return [
         {"boxes": torch.tensor([[10.0, 20.0, 70.0, 60.0], [50.0, 30.0, 90.0, 64.0]]), "labels": torch.tensor([1, 3])},

@@ -1,20 +1,10 @@
 """A tiny ATSS model memorises a handful of synthetic images on CPU."""
 from __future__ import annotations
 
-import pytest
 import torch
 from torchvision.ops import box_iou
 
 from detector import build_detector, get_preset
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on 2 shared cores, OpenMP barriers make 2 threads many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _synthetic(n=4, size=96, seed=0):

@@ -14,15 +14,6 @@ from detector.backbone import ModulatedDeformConv2d, ResNetBody
 from detector.box_coder import DeltaBoxCoder, PointCoder
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on 2 shared cores, OpenMP barriers make 2 threads many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------------------ anchors
 def test_anchor_centres_sizes_and_order():
     gen = AnchorGenerator((8, 16, 32, 64, 128), 8.0, 1, (1.0,))
