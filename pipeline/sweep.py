@@ -12,9 +12,9 @@ MLflow: the driver creates one parent run per sweep (tags ``ablation.table``, ``
 and rank 0 of the training logs params, metrics and artifacts into it. The results table (Markdown,
 Parquet), the AP plot and the plan go to the parent when the sweep ends.
 
-Layout under ``<storage_path>/<sweep name>/``: Tune's experiment state, ``ablation/`` (the plan,
-the sweep settings, the results) and ``trials/<trial>/`` (each trial's Ray Train run with its
-checkpoints). Running the same sweep name again restores it with ``Tuner.restore``: finished trials
+Layout under ``<storage_path>/<sweep name>/`` (a local path or a URI such as ``s3://bucket/prefix``):
+Tune's experiment state, ``ablation/`` (the plan, the sweep settings, the results) and
+``trials/<trial>/`` (each trial's Ray Train run with its checkpoints). Running the same sweep name again restores it with ``Tuner.restore``: finished trials
 keep their results, unfinished and errored ones start again and their training resumes from its
 latest checkpoint.
 """
@@ -25,6 +25,7 @@ import datetime
 import json
 import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -300,7 +301,7 @@ class SweepResult:
     plan: SweepPlan
     table: Any  # pandas DataFrame, one row per trial (results_frame)
     markdown: str
-    paths: dict  # "markdown", "parquet", "plot", "plan" -> local paths
+    paths: dict  # "markdown", "parquet", "plot", "plan" -> where they are (local path or storage URI)
     parent_run_id: str
     tracking_uri: str
     experiment: str
@@ -311,25 +312,82 @@ class SweepResult:
         return tracking.ui_command(self.tracking_uri)
 
 
-def sweep_dir(cfg: SweepConfig, name: str) -> Path:
-    if "://" in cfg.storage_path:
-        raise ValueError("the sweep driver keeps its plan and results on a local or mounted storage_path; "
-                         f"got {cfg.storage_path!r}")
-    return Path(cfg.storage_path) / name
+def _filesystem(storage_path: str):
+    """``(pyarrow filesystem, path inside it)`` of a local path or a URI (``s3://``, ``gs://``, ``file://``)."""
+    import pyarrow.fs
+
+    if "://" in storage_path:
+        return pyarrow.fs.FileSystem.from_uri(storage_path)
+    return pyarrow.fs.LocalFileSystem(), storage_path
+
+
+class SweepStore:
+    """The sweep's own files (plan, state, results) in ``<storage_path>/<name>/ablation/``.
+
+    Files are written to a local directory first (the storage itself when it is local) and copied
+    to remote storage (``s3://``...) when the storage is a URI, so the results outlive the driver's
+    node like Tune's state and the trials' checkpoints do.
+    """
+
+    def __init__(self, storage_path: str, name: str):
+        self.fs, root = _filesystem(storage_path)
+        self.uri = f"{storage_path.rstrip('/')}/{name}"
+        self.base = f"{root.rstrip('/')}/{name}/ablation"
+        self.remote = "://" in storage_path
+        self.local_dir = (Path(tempfile.gettempdir()) / "atss-ablation" / name if self.remote
+                          else Path(self.base))
+
+    def location(self, filename: str) -> str:
+        return f"{self.uri}/ablation/{filename}" if self.remote else str(self.local_dir / filename)
+
+    def local(self, filename: str) -> Path:
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        return self.local_dir / filename
+
+    def publish(self, filename: str) -> str:
+        """Copy a file written at :meth:`local` to the store; returns where it now is."""
+        if self.remote:
+            self.fs.create_dir(self.base, recursive=True)
+            with self.fs.open_output_stream(f"{self.base}/{filename}") as f:
+                f.write(self.local(filename).read_bytes())
+        return self.location(filename)
+
+    def write_text(self, filename: str, text: str) -> str:
+        self.local(filename).write_text(text)
+        return self.publish(filename)
+
+    def read_text(self, filename: str) -> Optional[str]:
+        import pyarrow.fs
+
+        path = f"{self.base}/{filename}"
+        if self.fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+            return None
+        with self.fs.open_input_stream(path) as f:
+            return f.read().decode()
 
 
 def find_latest_sweep(storage_path: str) -> Optional[str]:
-    """Name of the most recently started sweep under ``storage_path`` (None if none)."""
-    root = Path(storage_path)
-    found = [p for p in root.glob(f"*/ablation/{STATE_FILE}")] if root.is_dir() else []
-    if not found:
+    """Name of the most recently saved sweep under ``storage_path`` (None if none)."""
+    import pyarrow.fs
+
+    fs, root = _filesystem(storage_path)
+    try:
+        entries = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    except OSError:
         return None
-    return max(found, key=lambda p: p.stat().st_mtime).parent.parent.name
+    found = []
+    for entry in entries:
+        if entry.type != pyarrow.fs.FileType.Directory:
+            continue
+        info = fs.get_file_info(f"{entry.path}/ablation/{STATE_FILE}")
+        if info.type == pyarrow.fs.FileType.File:
+            found.append((info.mtime_ns or 0, entry.base_name))
+    return max(found)[1] if found else None
 
 
 def load_state(cfg: SweepConfig, name: str) -> Optional[dict]:
-    path = sweep_dir(cfg, name) / "ablation" / STATE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    text = SweepStore(cfg.storage_path, name).read_text(STATE_FILE)
+    return json.loads(text) if text else None
 
 
 def _free_port() -> int:
@@ -414,7 +472,7 @@ def prepare_sweep(plan: SweepPlan, cfg: SweepConfig, *, resume: bool = False, pr
     if resume and state is None:
         raise FileNotFoundError(f"nothing to resume: no sweep named {name!r} under {cfg.storage_path}")
     if state is not None:
-        stored = SweepPlan.from_dict(json.loads((sweep_dir(cfg, name) / "ablation" / PLAN_FILE).read_text()))
+        stored = SweepPlan.from_dict(json.loads(SweepStore(cfg.storage_path, name).read_text(PLAN_FILE)))
         if [t.to_dict() for t in stored.trials] != [t.to_dict() for t in plan.trials]:
             say(f"[sweep] {name}: resuming the stored plan ({stored.title}, {len(stored.trials)} trials); "
                 "the table/values given now are ignored")
@@ -447,8 +505,7 @@ def execute_sweep(prep: PreparedSweep, say=print) -> SweepResult:
     if device is None:  # "auto": the cluster decides (its declaration, or the GPUs Ray sees)
         device = resolve_device("auto")
 
-    out = sweep_dir(cfg, name) / "ablation"
-    out.mkdir(parents=True, exist_ok=True)
+    store = SweepStore(cfg.storage_path, name)
     client = MlflowClient(cfg.mlflow_uri)
     parent_run_id = state["parent_run_id"] if state else None
     if parent_run_id is None:
@@ -468,15 +525,15 @@ def execute_sweep(prep: PreparedSweep, say=print) -> SweepResult:
             if tag in client.get_run(parent_run_id).data.tags:
                 client.delete_tag(parent_run_id, tag)
     jobs = plan_jobs(plan, cfg, name, device, parent_run_id)
-    (out / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=1))
-    (out / STATE_FILE).write_text(json.dumps({"name": name, "parent_run_id": parent_run_id, "device": device,
-                                              "tracking_uri": cfg.mlflow_uri,
-                                              "sweep_config": cfg.to_dict()}, indent=1))
-    client.log_artifact(parent_run_id, str(out / PLAN_FILE), "ablation")
+    store.write_text(PLAN_FILE, json.dumps(plan.to_dict(), indent=1))
+    store.write_text(STATE_FILE, json.dumps({"name": name, "parent_run_id": parent_run_id, "device": device,
+                                             "tracking_uri": cfg.mlflow_uri, "sweep_config": cfg.to_dict()},
+                                            indent=1))
+    client.log_artifact(parent_run_id, str(store.local(PLAN_FILE)), "ablation")
 
     try:
         grid = _fit(plan, cfg, jobs, name, device, restore=state is not None, say=say)
-        results = _collect(grid, jobs, _tune_statuses(str(sweep_dir(cfg, name))))
+        results = _collect(grid, jobs, _tune_statuses(store.uri))
     except BaseException as e:
         tracking.mark_run_failed(cfg.mlflow_uri, parent_run_id, e,
                                  "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
@@ -485,18 +542,17 @@ def execute_sweep(prep: PreparedSweep, say=print) -> SweepResult:
 
     df = results_frame(plan, results)
     markdown = format_table(plan, df)
-    paths = {"markdown": out / "results.md", "parquet": out / "results.parquet", "plot": out / "ap.png",
-             "plan": out / PLAN_FILE}
-    paths["markdown"].write_text(markdown)
-    df.to_parquet(paths["parquet"], index=False)
-    plot_results(plan, df, paths["plot"])
+    files = {"markdown": "results.md", "parquet": "results.parquet", "plot": "ap.png"}
+    store.local("results.md").write_text(markdown)
+    df.to_parquet(store.local("results.parquet"), index=False)
+    plot_results(plan, df, store.local("ap.png"))
     if len(plan.seeds) > 1:
-        summary = summarize_seeds(df)
-        paths["summary"] = out / "results_mean.parquet"
-        summary.to_parquet(paths["summary"], index=False)
-    for key, path in paths.items():
-        if key != "plan":
-            client.log_artifact(parent_run_id, str(path), "ablation")
+        files["summary"] = "results_mean.parquet"
+        summarize_seeds(df).to_parquet(store.local(files["summary"]), index=False)
+    paths = {"plan": store.location(PLAN_FILE)}
+    for key, filename in files.items():
+        client.log_artifact(parent_run_id, str(store.local(filename)), "ablation")
+        paths[key] = store.publish(filename)
     finished = df[df["status"] == "done"]
     if len(finished):
         best = finished.loc[finished["AP"].idxmax()]
@@ -516,7 +572,7 @@ def execute_sweep(prep: PreparedSweep, say=print) -> SweepResult:
                                  f"{failed['error'].iloc[0]}")
     else:
         client.set_terminated(parent_run_id, "FINISHED")
-    return SweepResult(name, plan, df, markdown, {k: str(v) for k, v in paths.items()}, parent_run_id,
+    return SweepResult(name, plan, df, markdown, paths, parent_run_id,
                        cfg.mlflow_uri, cfg.experiment, time.perf_counter() - t0)
 
 
@@ -530,7 +586,7 @@ def _fit(plan: SweepPlan, cfg: SweepConfig, jobs: list[TrialJob], name: str, dev
                  for j in jobs}
     trainable = tune.with_resources(tune.with_parameters(_run_trial, jobs=job_table),
                                     jobs[0].resources.trial_resources())
-    path = str(sweep_dir(cfg, name))
+    path = SweepStore(cfg.storage_path, name).uri
     if restore and tune.Tuner.can_restore(path):
         say(f"[sweep] restoring {name} from {path}: finished trials keep their results, the others resume")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)

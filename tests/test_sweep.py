@@ -65,3 +65,19 @@ def test_two_trial_sweep_tracks_tables_and_restores(ray_cluster, tmp_path, monke
     again = pq.read_table(results / "results.parquet").to_pandas()
     assert list(again["AP"]) == list(table["AP"])
     assert len(client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 2
+
+
+def test_sweep_store_local_and_uri(tmp_path):
+    """Plan/state/results files live under <storage>/<name>/ablation on a path or a pyarrow URI."""
+    from pipeline.sweep import STATE_FILE, SweepConfig, SweepStore, find_latest_sweep, load_state
+
+    for storage in (str(tmp_path / "local"), (tmp_path / "uri").as_uri()):
+        assert find_latest_sweep(storage) is None
+        for name in ("first", "second"):
+            store = SweepStore(storage, name)
+            assert store.read_text(STATE_FILE) is None
+            where = store.write_text(STATE_FILE, '{"name": "%s"}' % name)
+            assert where.endswith(f"/{name}/ablation/{STATE_FILE}")
+        assert load_state(SweepConfig(storage_path=storage), "first") == {"name": "first"}
+        assert find_latest_sweep(storage) == "second"
+    assert (tmp_path / "uri" / "second" / "ablation" / STATE_FILE).is_file()
