@@ -67,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(e.g. 0,1,2); default 0")
     train = p.add_argument_group("training of each trial")
     train.add_argument("--data", default="synthetic", help="synthetic (default) or coco:/path/to/coco")
-    train.add_argument("--iterations", type=int, help=f"iterations per trial (default {DEMO_ITERATIONS})")
+    train.add_argument("--iterations", type=int, help=f"iterations per trial (tiny presets: default {DEMO_ITERATIONS})")
+    train.add_argument("--schedule", choices=("1x", "2x"), help="the paper's schedule instead (scaled to the batch; "
+                                                                "default for the R-50 presets: 1x)")
+    train.add_argument("--data-set", action="append", default=[], metavar="KEY=VALUE",
+                       help="a DataConfig field, e.g. train_min_size=[640,800] (repeatable)")
     train.add_argument("--eval-period", type=int, help="evaluate every N iterations (default: at the end; "
                                                        "with --asha a quarter of the run)")
     train.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
@@ -168,8 +172,13 @@ def make_sweep_config(a):
     else:
         raise ValueError(f"--data {a.data!r}: use synthetic or coco:/path/to/coco")
     train = _key_values(a.train_set, "--train-set")
-    iterations = a.iterations or (SMOKE_ITERATIONS if a.smoke else DEMO_ITERATIONS)
+    data.update(_key_values(a.data_set, "--data-set"))
+    if a.iterations is not None and a.schedule is not None:
+        raise ValueError("give either --iterations or --schedule, not both")
     tiny = a.preset == "tiny" or a.preset.endswith("_tiny")
+    iterations = a.iterations
+    if iterations is None and a.schedule is None and (tiny or a.smoke):
+        iterations = SMOKE_ITERATIONS if a.smoke else DEMO_ITERATIONS
     if tiny:
         # the training job's CPU recipe for tiny detectors (jobs/train.py TINY_DEFAULTS)
         train = {"base_lr": DEMO_BASE_LR, **train}
@@ -183,7 +192,8 @@ def make_sweep_config(a):
     if a.storage_path and "://" not in a.storage_path and not os.path.isabs(a.storage_path):
         a.storage_path = os.path.abspath(a.storage_path)
     return SweepConfig(name=a.name, storage_path=a.storage_path, mlflow_uri=a.mlflow_uri,
-                       experiment=a.experiment or DEFAULT_EXPERIMENT, iterations=iterations, data=data, train=train,
+                       experiment=a.experiment or DEFAULT_EXPERIMENT, iterations=iterations, schedule=a.schedule,
+                       data=data, train=train,
                        device=a.device, workers_per_trial=a.workers_per_trial, cpus_per_worker=cpus,
                        batch_per_worker=batch, accelerator_type=a.accelerator_type,
                        max_concurrent_trials=a.max_concurrent_trials, max_failures=a.max_failures, asha=a.asha,

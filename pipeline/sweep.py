@@ -14,9 +14,9 @@ Parquet), the AP plot and the plan go to the parent when the sweep ends.
 
 Layout under ``<storage_path>/<sweep name>/`` (a local path or a URI such as ``s3://bucket/prefix``):
 Tune's experiment state, ``ablation/`` (the plan, the sweep settings, the results) and
-``trials/<trial>/`` (each trial's Ray Train run with its checkpoints). Running the same sweep name again restores it with ``Tuner.restore``: finished trials
-keep their results, unfinished and errored ones start again and their training resumes from its
-latest checkpoint.
+``trials/<trial>/`` (each trial's Ray Train run with its checkpoints). Running the same sweep name
+again restores it with ``Tuner.restore``: finished trials keep their results, unfinished and errored
+ones start again and their training resumes from its latest checkpoint.
 """
 from __future__ import annotations
 
@@ -61,7 +61,8 @@ class SweepConfig:
     storage_path: Optional[str] = None
     mlflow_uri: Optional[str] = None
     experiment: str = DEFAULT_EXPERIMENT
-    iterations: int = 300
+    iterations: Optional[int] = None
+    schedule: Optional[str] = None
     data: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     device: str = "auto"
@@ -81,7 +82,12 @@ class SweepConfig:
     def __post_init__(self) -> None:
         if self.name is not None and not _NAME_RE.fullmatch(self.name):
             raise ValueError(f"sweep name {self.name!r}: use letters, digits and _ . = - (it names a directory)")
-        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
+        if self.iterations is not None and self.schedule is not None:
+            raise ValueError("give either iterations or a schedule (1x, 2x), not both")
+        if self.iterations is None and self.schedule is None:
+            self.schedule = "1x"
+        if self.iterations is not None and (isinstance(self.iterations, bool) or not isinstance(self.iterations, int)
+                                            or self.iterations < 1):
             raise ValueError(f"iterations must be a positive integer, got {self.iterations!r}")
         for name in ("workers_per_trial", "batch_per_worker", "max_concurrent_trials", "asha_grace_period",
                      "eval_period"):
@@ -96,10 +102,11 @@ class SweepConfig:
             raise ValueError(f"asha_reduction_factor must be >= 2, got {self.asha_reduction_factor}")
         if self.max_failures < 0:
             raise ValueError(f"max_failures must be >= 0, got {self.max_failures}")
-        if self.eval_period is not None and self.eval_period > self.iterations:
+        if self.eval_period is not None and self.iterations is not None and self.eval_period > self.iterations:
             raise ValueError(f"eval_period {self.eval_period} is longer than the run ({self.iterations} iterations)")
-        reserved = {"preset", "detector", "data", "batch_size", "iterations", "seed", "storage_path", "run_name",
-                    "mlflow_uri", "mlflow_experiment", "mlflow_parent_run_id", "mlflow_tags", "mlflow_run_id"}
+        reserved = {"preset", "detector", "data", "batch_size", "iterations", "schedule", "seed", "storage_path",
+                    "run_name", "mlflow_uri", "mlflow_experiment", "mlflow_parent_run_id", "mlflow_tags",
+                    "mlflow_run_id"}
         clash = sorted(set(self.train) & reserved)
         if clash:
             raise ValueError(f"train settings {clash} are set by the sweep itself (per trial); use the "
@@ -144,11 +151,18 @@ def trial_resources(spec: TrialSpec, cfg: SweepConfig, device: str) -> TrialReso
                     cpus_per_worker=cfg.cpus_per_worker or 1, batch_per_worker=cfg.batch_per_worker or 2)
 
 
-def _eval_period(cfg: SweepConfig) -> int:
+def _eval_period(cfg: SweepConfig, max_iter: int) -> int:
     if cfg.eval_period is not None:
         return cfg.eval_period
     # ASHA compares trials at evaluations: four rungs' worth by default.
-    return max(1, cfg.iterations // 4) if cfg.asha else 0
+    return max(1, max_iter // 4) if cfg.asha else 0
+
+
+def _run_length(tc: dict) -> int:
+    """Iterations of a trial's resolved schedule (a named schedule scales with the batch)."""
+    from .train import TrainConfig
+
+    return TrainConfig.from_dict(tc).schedule_().max_iter
 
 
 def trial_train_config(spec: TrialSpec, plan: SweepPlan, cfg: SweepConfig, resources: TrialResources,
@@ -156,23 +170,28 @@ def trial_train_config(spec: TrialSpec, plan: SweepPlan, cfg: SweepConfig, resou
     """The :class:`pipeline.train.TrainConfig` of one trial (validated)."""
     from .train import TrainConfig
 
-    eval_period = _eval_period(cfg)
+    trial_dir = f"{cfg.storage_path.rstrip('/')}/{sweep_name}/trials"
+    base = dict(preset=spec.preset, detector=dict(spec.overrides), data=dict(cfg.data),
+                batch_size=resources.global_batch, schedule=cfg.schedule, iterations=cfg.iterations, seed=spec.seed,
+                eval_at_end=True, storage_path=trial_dir, run_name=spec.name, mlflow_uri=cfg.mlflow_uri,
+                mlflow_experiment=cfg.experiment, mlflow_parent_run_id=parent_run_id,
+                mlflow_tags=trial_tags(spec, plan, sweep_name))
+    length_fields = {k: v for k, v in cfg.train.items() if k in ("lr_steps", "reference_batch_size")}
+    max_iter = TrainConfig(**base, **length_fields).schedule_().max_iter
+    eval_period = _eval_period(cfg, max_iter)
+    if eval_period > max_iter:
+        raise ValueError(f"eval_period {eval_period} is longer than the run ({max_iter} iterations)")
     train = {
-        "log_period": max(1, min(50, cfg.iterations // 5)),
+        "log_period": max(1, min(50, max_iter // 5)),
         "log_model": cfg.log_model,
-        # Every report must carry AP for ASHA: evaluations are the reports (and the checkpoints,
-        # so an interrupted trial resumes from its latest evaluation).
+        # Reports happen at evaluations (with AP, what ASHA compares) and at checkpoints; a report
+        # without AP is ignored by ASHA. Short runs checkpoint at their evaluations, so an interrupted
+        # trial resumes from its latest one; long runs also every 2500 iterations.
         "report_period": 0,
-        "checkpoint_period": eval_period or cfg.iterations,
+        "checkpoint_period": min(2500, eval_period or 2500),
         **cfg.train,
     }
-    trial_dir = f"{cfg.storage_path.rstrip('/')}/{sweep_name}/trials"
-    return TrainConfig(
-        preset=spec.preset, detector=dict(spec.overrides), data=dict(cfg.data),
-        batch_size=resources.global_batch, schedule=None, iterations=cfg.iterations, seed=spec.seed,
-        eval_period=eval_period, eval_at_end=True, storage_path=trial_dir, run_name=spec.name,
-        mlflow_uri=cfg.mlflow_uri, mlflow_experiment=cfg.experiment, mlflow_parent_run_id=parent_run_id,
-        mlflow_tags=trial_tags(spec, plan, sweep_name), **train)
+    return TrainConfig(**base, eval_period=eval_period, **train)
 
 
 def trial_tags(spec: TrialSpec, plan: SweepPlan, sweep_name: str) -> dict[str, str]:
@@ -217,10 +236,14 @@ def plan_jobs(plan: SweepPlan, cfg: SweepConfig, sweep_name: str, device: str,
     return jobs
 
 
+def _length_text(cfg: SweepConfig) -> str:
+    return f"{cfg.iterations} iterations" if cfg.iterations else f"the {cfg.schedule} schedule"
+
+
 def describe(plan: SweepPlan, jobs: list[TrialJob], cfg: SweepConfig, sweep_name: str, device: str) -> str:
     """Human-readable dry run: one block per trial (settings that differ from the preset, resources)."""
     lines = [f"{plan.title}", f"sweep {sweep_name!r}: {len(jobs)} trial(s), {device.upper()} plan, "
-             f"{cfg.iterations} iterations each, max concurrent trials "
+             f"{_length_text(cfg)} each, max concurrent trials "
              f"{cfg.max_concurrent_trials or 'auto'}{', ASHA on AP' if cfg.asha else ''}",
              f"varied: {', '.join(plan.varied) or '-'}; storage {cfg.storage_path}/{sweep_name}; "
              f"MLflow {cfg.mlflow_uri} (experiment {cfg.experiment!r})", ""]
@@ -595,10 +618,11 @@ def _fit(plan: SweepPlan, cfg: SweepConfig, jobs: list[TrialJob], name: str, dev
     if cfg.asha:
         from ray.tune.schedulers import ASHAScheduler
 
-        grace = cfg.asha_grace_period or _eval_period(cfg)
+        max_t = max(_run_length(j.train_config) for j in jobs)
+        grace = cfg.asha_grace_period or min(j.train_config["eval_period"] or max_t for j in jobs)
         # time_attr is the training iteration inside the reports; stop_last_trials=False lets a
         # trial that reaches the end finish (and close its MLflow run) instead of being killed.
-        scheduler = ASHAScheduler(time_attr="iteration", max_t=cfg.iterations, grace_period=grace,
+        scheduler = ASHAScheduler(time_attr="iteration", max_t=max_t, grace_period=grace,
                                   reduction_factor=cfg.asha_reduction_factor, stop_last_trials=False)
     concurrent = _max_concurrent(cfg, jobs, device)
     say(f"[sweep] {name}: {len(jobs)} trials, {concurrent or 'unbounded'} at a time; results in {path}")
@@ -638,7 +662,7 @@ def _collect(grid, jobs: list[TrialJob], statuses: dict[str, str]) -> dict[int, 
             continue
         metrics = dict(result.metrics or {})
         iterations = metrics.get("iteration")
-        max_iter = job.train_config["iterations"]
+        max_iter = _run_length(job.train_config)
         if result.error is not None:
             status, error = "error", f"{type(result.error).__name__}: {result.error}".splitlines()[0][:300]
         elif statuses.get(trial, "TERMINATED") not in ("TERMINATED", "ERROR"):
