@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -70,11 +71,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from detector import build_detector, get_preset  # noqa: E402
+from detector.config import BACKBONES  # noqa: E402
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 THREADS_HELP = ("torch intra-op threads, the same for every model (default 1: on 2 cores shared with other "
                 "processes, OpenMP barriers make 2 threads burn and wait many times the work)")
 PHASES = ("prep", "backbone_fpn", "head", "loss", "backward", "optimizer")
+INFER_PHASES = ("prep", "backbone_fpn", "head", "post")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,7 +93,7 @@ def machine_info(device: torch.device) -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cpu_cores": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(),
+    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "torchvision": torchvision.__version__, "device": str(device),
             "python": platform.python_version()}
     if device.type == "cuda":
@@ -101,7 +104,7 @@ def machine_info(device: torch.device) -> dict:
 def make_inputs(batch: int, height: int, width: int, num_gts: int, num_classes: int,
                 seed: int = 0) -> tuple[Tensor, list[dict[str, Tensor]]]:
     """Raw RGB images float[B, 3, H, W] in [0, 1] and targets (``boxes`` float[G, 4] xyxy pixels
-    with sides log-uniform from 16 px to the image size, ``labels`` int64[G] in 1..num_classes)."""
+    with sides log-uniform from 16 px to 0.9 x the shorter image side, ``labels`` int64[G] in 1..num_classes)."""
     g = torch.Generator().manual_seed(seed)
     images = torch.rand(batch, 3, height, width, generator=g)
     targets = []
@@ -323,9 +326,18 @@ class PhaseTimer:
         _sync(self.device)
         return self.clock()
 
+    def _forward_split(self, t0: float, t_prep: float, t_fwd: float) -> tuple[float, float, float, float]:
+        """-> prep (ours or torchvision's transform), backbone + FPN, head, rest of the forward."""
+        m = self.marks
+        transform = m["transform_end"] - m["transform_start"] if "transform_start" in m else 0.0
+        backbone = m["backbone_end"] - m["backbone_start"]
+        head = m["head_end"] - m["head_start"]
+        return t_prep - t0 + transform, backbone, head, t_fwd - t_prep - transform - backbone - head
+
     def step(self, images: Tensor) -> dict[str, float]:
-        c, m = self.c, self.marks
-        m.clear()
+        """One training step -> seconds per phase of :data:`PHASES`."""
+        c = self.c
+        self.marks.clear()
         t0 = self._now()
         c.optimizer.zero_grad(set_to_none=True)
         x = c.prep(images)
@@ -337,31 +349,44 @@ class PhaseTimer:
         t_bwd = self._now()
         c.optimizer.step()
         t_opt = self._now()
-        transform = m["transform_end"] - m["transform_start"] if "transform_start" in m else 0.0
-        backbone = m["backbone_end"] - m["backbone_start"]
-        head = m["head_end"] - m["head_start"]
-        return {"prep": t_prep - t0 + transform, "backbone_fpn": backbone, "head": head,
-                "loss": t_fwd - t_prep - transform - backbone - head,
+        prep, backbone, head, rest = self._forward_split(t0, t_prep, t_fwd)
+        return {"prep": prep, "backbone_fpn": backbone, "head": head, "loss": rest,
                 "backward": t_bwd - t_fwd, "optimizer": t_opt - t_bwd}
+
+    @torch.inference_mode()
+    def infer_step(self, images: Tensor) -> dict[str, float]:
+        """One inference batch (eval mode) -> seconds per phase of :data:`INFER_PHASES`; ``post`` is
+        anchors, decoding, thresholds, per-level top-k and NMS (and torchvision's box rescale)."""
+        c = self.c
+        self.marks.clear()
+        t0 = self._now()
+        x = c.prep(images)
+        t_prep = self._now()
+        c.infer(x)
+        t_end = self._now()
+        prep, backbone, head, rest = self._forward_split(t0, t_prep, t_end)
+        return {"prep": prep, "backbone_fpn": backbone, "head": head, "post": rest}
 
     def close(self) -> None:
         for h in self.handles:
             h.remove()
 
 
-def phase_breakdown(contenders: list[Contender], images: Tensor, steps: int,
-                    device: torch.device) -> dict[str, dict[str, float]]:
-    """Median seconds per phase of a training step, per contender (interleaved)."""
+def phase_breakdown(contenders: list[Contender], images: Tensor, steps: int, device: torch.device,
+                    inference: bool = False) -> dict[str, dict[str, float]]:
+    """Median seconds per phase of a training step (or, with ``inference``, of an inference batch
+    in the contenders' current mode), per contender, interleaved."""
     timers = [PhaseTimer(c, device) for c in contenders]
     samples: dict[str, list[dict]] = {c.name: [] for c in contenders}
     try:
         for _ in range(steps):
             for t in timers:
-                samples[t.c.name].append(t.step(images))
+                samples[t.c.name].append(t.infer_step(images) if inference else t.step(images))
     finally:
         for t in timers:
             t.close()
-    return {name: {p: statistics.median(s[p] for s in rows) for p in PHASES} for name, rows in samples.items()}
+    phases = INFER_PHASES if inference else PHASES
+    return {name: {p: statistics.median(s[p] for s in rows) for p in phases} for name, rows in samples.items()}
 
 
 def profile_step(c: Contender, images: Tensor, device: torch.device, top: int = 30) -> str:
@@ -373,7 +398,7 @@ def profile_step(c: Contender, images: Tensor, device: torch.device, top: int = 
     with profile(activities=activities, with_stack=True) as prof:
         c.train_step(images)
         _sync(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages(group_by_stack_n=5).table(sort_by=key, row_limit=top, max_src_column_width=100)
 
 
@@ -405,6 +430,10 @@ def bench_backbone(backbone: str, args, images: Tensor, targets: list[dict], dev
     dets = {c.name: c.infer_batch(images) / batch for c in contenders}
     say(f"[{backbone}] peak memory")
     mem_infer = {c.name: peak_memory(lambda: c.infer_batch(images), device) for c in contenders}
+    infer_phases = {}
+    if args.breakdown_steps:
+        say(f"[{backbone}] inference phase breakdown ({args.breakdown_steps} batches each)")
+        infer_phases = phase_breakdown(contenders, images, args.breakdown_steps, device, inference=True)
     mem_train = {}
     for c in contenders:
         c.model.train()
@@ -412,7 +441,7 @@ def bench_backbone(backbone: str, args, images: Tensor, targets: list[dict], dev
         mem_train[c.name] = peak_memory(lambda: c.train_step(images), device)
     phases = {}
     if args.breakdown_steps:
-        say(f"[{backbone}] phase breakdown ({args.breakdown_steps} steps each)")
+        say(f"[{backbone}] training phase breakdown ({args.breakdown_steps} steps each)")
         phases = phase_breakdown(contenders, images, args.breakdown_steps, device)
     profile = profile_step(contenders[0], images, device) if args.profile else None
 
@@ -432,7 +461,7 @@ def bench_backbone(backbone: str, args, images: Tensor, targets: list[dict], dev
             "infer_img_per_s": batch / inf["wall"], "infer_img_per_cpu_s": batch / inf["cpu"],
             "infer_ratio": med["infer"][ref]["wall"] / inf["wall"],
             "infer_ratio_cpu": med["infer"][ref]["cpu"] / inf["cpu"],
-            "infer_peak_MB": _mb(mem_infer[n]), "dets_per_img": dets[n], "phases_s": phases.get(n),
+            "infer_peak_MB": _mb(mem_infer[n]), "dets_per_img": dets[n], "phases_s": phases.get(n), "infer_phases_s": infer_phases.get(n),
             "train_times": train[n], "infer_times": infer[n]})
     return {"backbone": backbone, "rows": rows, "profile": profile}
 
@@ -477,6 +506,19 @@ def format_tables(results: list[dict], setup: dict) -> str:
                     lines.append(f"| {res['backbone']} | {r['model']} | "
                                  + " | ".join(f"{1000 * ph[p]:.0f}" for p in PHASES)
                                  + f" | {1000 * sum(ph.values()):.0f} |")
+    if any(r["infer_phases_s"] for res in results for r in res["rows"]):
+        clock = "CPU time" if cpu_cols else "wall time, synchronised"
+        lines += ["", f"Inference batch by phase (median ms, {clock}; post = anchors, decoding, thresholds, "
+                      "per-level top-k, NMS):", "",
+                  "| backbone | model | " + " | ".join(INFER_PHASES) + " | total |",
+                  "|---|---|" + "---|" * (len(INFER_PHASES) + 1)]
+        for res in results:
+            for r in res["rows"]:
+                if r["infer_phases_s"]:
+                    ph = r["infer_phases_s"]
+                    lines.append(f"| {res['backbone']} | {r['model']} | "
+                                 + " | ".join(f"{1000 * ph[p]:.0f}" for p in INFER_PHASES)
+                                 + f" | {1000 * sum(ph.values()):.0f} |")
     return "\n".join(lines)
 
 
@@ -519,6 +561,8 @@ def parse_args(argv=None):
     if not args.models or args.models[0] not in ("atss", "fcos"):
         p.error("--models must start with one of ours (atss or fcos): the ratios are relative to it")
     args.backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
+    if bad := [b for b in args.backbones if b not in BACKBONES]:
+        p.error(f"--backbones: unknown {bad}; choose from {list(BACKBONES)}")
     if not 0 < args.cls_prior < 1:
         p.error("--cls-prior must be in (0, 1)")
     return args

@@ -67,6 +67,7 @@ def test_train_step_smallest_size():
         # the classifier prior 0.05 gives post-processing real work: every model fills its 100
         assert r["dets_per_img"] == 100
         assert all(v >= 0 for v in r["phases_s"].values()) and r["phases_s"]["backward"] > 0
+        assert r["infer_phases_s"]["backbone_fpn"] > 0 and r["infer_phases_s"]["post"] > 0
 
 
 def test_train_step_rejects_bad_arguments():
@@ -74,6 +75,8 @@ def test_train_step_rejects_bad_arguments():
         train_step.parse_args(["--size", "100x64"])
     with pytest.raises(SystemExit):
         train_step.parse_args(["--models", "tv_fcos,atss"])
+    with pytest.raises(SystemExit):
+        train_step.parse_args(["--backbones", "resnet51"])
 
 
 def test_accuracy_smallest_size(tmp_path):
@@ -88,10 +91,14 @@ def test_accuracy_smallest_size(tmp_path):
 
 
 def test_ordering_verdict():
-    def row(m, ap, sd=0.0):
-        return {"model": m, "AP": ap, "AP_sd": sd}
+    def row(m, *aps):
+        return {"model": m, "AP_per_seed": list(aps)}
 
     assert "HOLDS" in accuracy.ordering_verdict([row("retinanet_a1", 0.30), row("atss", 0.35), row("fcos", 0.32)])
     verdict = accuracy.ordering_verdict([row("retinanet_a1", 0.33), row("atss", 0.35), row("fcos", 0.32)])
     assert "does NOT hold" in verdict and "-1.0 AP" in verdict
+    # paired per seed: seed 1 is hard for everyone, but ATSS wins both seeds
+    verdict = accuracy.ordering_verdict([row("atss", 0.30, 0.10), row("fcos", 0.28, 0.05)])
+    assert "HOLDS" in verdict and "in 2/2 seeds" in verdict
+    assert "does NOT hold" in accuracy.ordering_verdict([row("atss", 0.30, 0.04), row("fcos", 0.28, 0.05)])
     assert "needs at least two" in accuracy.ordering_verdict([row("atss", 0.3)])
