@@ -390,16 +390,23 @@ def phase_breakdown(contenders: list[Contender], images: Tensor, steps: int, dev
 
 
 def profile_step(c: Contender, images: Tensor, device: torch.device, top: int = 30) -> str:
-    """torch.profiler table of one training step of ``c``: ops grouped by their Python call site."""
-    from torch.profiler import ProfilerActivity, profile
+    """torch.profiler table of one training step of ``c``: the ops by self time, plus one row per
+    phase (``step/forward+loss``, ``step/backward``, ``step/optimizer``) for their totals."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     c.train_step(images)
-    with profile(activities=activities, with_stack=True) as prof:
-        c.train_step(images)
+    with profile(activities=activities) as prof:
+        c.optimizer.zero_grad(set_to_none=True)
+        with record_function("step/forward+loss"):
+            loss = sum(c.train_forward(c.prep(images)).values())
+        with record_function("step/backward"):
+            loss.backward()
+        with record_function("step/optimizer"):
+            c.optimizer.step()
         _sync(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages(group_by_stack_n=5).table(sort_by=key, row_limit=top, max_src_column_width=100)
+    return prof.key_averages().table(sort_by=key, row_limit=top)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -581,8 +588,8 @@ def main(argv=None) -> dict:
     print(format_tables(results, setup))
     for res in results:
         if res["profile"]:
-            print(f"\ntorch.profiler, one training step of {res['rows'][0]['model']} ({res['backbone']}), "
-                  f"ops grouped by call site:\n{res['profile']}")
+            print(f"\ntorch.profiler, one training step of {res['rows'][0]['model']} ({res['backbone']}):\n"
+                  f"{res['profile']}")
     print(f"\n(total {time.perf_counter() - t0:.0f} s)")
     out = {"setup": setup, "results": [{k: v for k, v in r.items() if k != "profile"} for r in results]}
     if args.json:
