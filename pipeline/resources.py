@@ -42,19 +42,12 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from detector.config import BACKBONES
+
 # Ray's built-in resource that only the head node has (Ray Train pins its own state actor with it).
 HEAD_NODE_RESOURCE = "node:__internal_head__"
 # Environment variable the cluster configs set on the head node: "gpu" or "cpu".
 DEVICE_ENV = "ATSS_TRIAL_DEVICE"
-
-BACKBONES = (
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnext101_32x8d",
-    "resnext101_64x4d",
-)
 
 
 @dataclass(frozen=True)
