@@ -24,11 +24,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+# Idle OpenMP threads must not spin on cores other processes need (docs/training.md): set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 

@@ -63,6 +63,9 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
+# Idle OpenMP threads must not spin on cores other processes need (docs/training.md): set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
 import torchvision
 from torch import Tensor, nn
@@ -95,7 +98,7 @@ def machine_info(device: torch.device) -> dict:
         pass
     info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "torchvision": torchvision.__version__, "device": str(device),
-            "python": platform.python_version()}
+            "python": platform.python_version(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
