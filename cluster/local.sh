@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Start, inspect and stop a single-node Ray cluster on this machine, for `ray job submit`.
 #
-#   cluster/local.sh start [options]   start the head (returns once the job server answers)
+#   cluster/local.sh start [options]   start the head (returns once the job server answers and
+#                                      `ray status` reports the cluster's resources)
 #   cluster/local.sh env               print the exports the Ray CLI needs (eval "$(cluster/local.sh env)")
 #   cluster/local.sh status            is it running, its ports, `ray status`
 #   cluster/local.sh submit -- CMD...  ray job submit --working-dir <repo> -- CMD... (waits, streams logs)
@@ -17,6 +18,7 @@
 #   --object-store-mb N  ATSS_RAY_OBJECT_STORE_MB (512)
 #   --timeout S          ATSS_RAY_START_TIMEOUT (90)   give up waiting for the job server
 #   (stop)               ATSS_RAY_STOP_TIMEOUT (20)    grace before the remaining processes are killed
+#   (status)             ATSS_RAY_STATUS_TIMEOUT (30)  wait for `ray status` to report resources
 #
 # Why it looks like this (see shared/RAY_NOTES.md section 4):
 # * Token auth, always: a plain `ray start` turns it on only if ~/.ray/auth_token happens to exist.
@@ -43,7 +45,7 @@ STOP_TIMEOUT="${ATSS_RAY_STOP_TIMEOUT:-20}"
 
 die() { echo "local.sh: $*" >&2; exit 1; }
 
-usage() { sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 find_ray() {
     if [[ -n "${RAY:-}" ]]; then
@@ -194,9 +196,25 @@ EOF
         fi
         sleep 1
     done
+    # The autoscaler monitor publishes the first cluster status a few seconds after the job server
+    # answers; until then `ray status` prints "No cluster status" and the CPUs look missing.
+    until ray_status_ready "$ray"; do
+        if ! kill -0 "$pid" 2>/dev/null || (( SECONDS >= deadline )); then
+            tail -n 30 "$STATE_DIR/ray-start.log" >&2 || true
+            cmd_stop >/dev/null 2>&1 || true
+            die "the cluster did not report its resources (ray status) within ${START_TIMEOUT}s"
+        fi
+        sleep 1
+    done
     echo "Ray head running (pid $pid). Dashboard and job server: http://127.0.0.1:$DASHBOARD_PORT"
     echo "State, token and logs: $STATE_DIR"
     echo "For the Ray CLI in this shell: eval \"\$(cluster/local.sh env)\""
+}
+
+# True once `ray status` reports the cluster's resources (its output is left in $STATUS_OUT).
+ray_status_ready() {
+    STATUS_OUT="$("$1" status --address "127.0.0.1:$PORT" 2>&1)" || return 1
+    [[ "$STATUS_OUT" != *"No cluster status"* ]]
 }
 
 # Waits up to $1 seconds for the session to be empty (zombies included: they go once reaped).
@@ -248,7 +266,17 @@ cmd_status() {
     fi
     echo "running: pid $pid, GCS 127.0.0.1:$PORT, dashboard http://127.0.0.1:$DASHBOARD_PORT, state $STATE_DIR"
     cli_env
-    "$(find_ray)" status --address "127.0.0.1:$PORT"
+    local ray deadline=$((SECONDS + ${ATSS_RAY_STATUS_TIMEOUT:-30}))
+    ray="$(find_ray)"
+    until ray_status_ready "$ray"; do
+        if (( SECONDS >= deadline )); then
+            echo "$STATUS_OUT"
+            echo "local.sh: ray status gave no cluster resources within ${ATSS_RAY_STATUS_TIMEOUT:-30}s" >&2
+            return 4
+        fi
+        sleep 1
+    done
+    echo "$STATUS_OUT"
 }
 
 cmd_env() {
