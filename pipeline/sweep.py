@@ -271,7 +271,7 @@ def _run_trial(config: dict, jobs: dict) -> None:
     """
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .train import RunDir, TrainConfig, _worker_error, build_trainer
+    from .train import RunDir, TrainConfig, worker_error, build_trainer
 
     for k, v in RAY_ENV.items():  # the trial's TorchTrainer controller and workers inherit these
         os.environ.setdefault(k, v)
@@ -302,7 +302,7 @@ def _run_trial(config: dict, jobs: dict) -> None:
     try:
         trainer.fit()
     except BaseException as e:
-        cause = _worker_error(e)
+        cause = worker_error(e)
         if tracking.run_status(cfg.mlflow_uri, run_id) == "RUNNING":
             tracking.mark_run_failed(cfg.mlflow_uri, run_id, cause,
                                      "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
@@ -429,7 +429,9 @@ def _ensure_ray(verbose: bool) -> None:
     if os.environ.get("RAY_ADDRESS"):
         # An existing cluster (``ray job submit`` sets RAY_ADDRESS): the job's runtime env applies;
         # the trials set RAY_ENV themselves.
-        ray.init()
+        from .train import connect_ray
+
+        connect_ray()
         return
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)

@@ -981,6 +981,28 @@ def _driver_env() -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
+def connect_ray(**init_kwargs) -> None:
+    """``ray.init()`` on the cluster named by ``RAY_ADDRESS`` (set under ``ray job submit``), or on a
+    new local one when it is unset.
+
+    Ray Train's placement-group cleaner runs in its own actor and finds its cluster through
+    ``RAY_ADDRESS``, else by scanning this machine's processes, which fails when several Ray clusters
+    run here. So when the address is a GCS ``host:port``, every task and actor of this job gets it
+    through the job's runtime env. Ray merges that with the runtime env the job was submitted with;
+    a job that sets ``RAY_ADDRESS`` itself keeps its own.
+    """
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS", "")
+    runtime_env = None
+    if re.fullmatch(r"[\w.\-]+:\d+", address):
+        submitted = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        submitted_vars = (submitted.get("runtime_env") or {}).get("env_vars") or {}
+        if "RAY_ADDRESS" not in submitted_vars:
+            runtime_env = {"env_vars": {"RAY_ADDRESS": address}}
+    ray.init(runtime_env=runtime_env, **init_kwargs)
+
+
 def build_trainer(cfg: TrainConfig, num_workers: int = 2, use_gpu: bool = False,
                   resources_per_worker: Optional[dict] = None, max_failures: int = 0,
                   callbacks: Optional[list] = None, scaling_kwargs: Optional[dict] = None,
@@ -1010,7 +1032,7 @@ def build_trainer(cfg: TrainConfig, num_workers: int = 2, use_gpu: bool = False,
                         scaling_config=ray.train.ScalingConfig(**scaling), run_config=run_config)
 
 
-def _worker_error(error: BaseException) -> BaseException:
+def worker_error(error: BaseException) -> BaseException:
     """The first worker's exception inside a Ray ``WorkerGroupError`` (else ``error``)."""
     failures = getattr(error, "worker_failures", None)
     if failures:
@@ -1065,16 +1087,15 @@ def run_training(cfg: TrainConfig, num_workers: int = 2, use_gpu: bool = False, 
 
             _driver_env()
             if not ray.is_initialized():
-                # RAY_ADDRESS (set under `ray job submit`) or a new local cluster. No runtime_env here:
-                # a job's own runtime_env would conflict, and Train V2 passes RAY_TRAIN_* variables on.
-                ray.init()
+                # Train V2 passes the RAY_TRAIN_* variables on to its controller and workers.
+                connect_ray()
             trainer = build_trainer(cfg, num_workers, use_gpu, resources_per_worker, max_failures, callbacks)
             result = trainer.fit()
             summary = result.return_value or {}
             metrics = dict(result.metrics or {})
             checkpoint_path = result.checkpoint.path if result.checkpoint is not None else None
     except BaseException as e:
-        cause = _worker_error(e)
+        cause = worker_error(e)
         if run_id is not None and tracking.run_status(cfg.mlflow_uri, run_id) != "FINISHED":
             status = "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED"
             tracking.mark_run_failed(cfg.mlflow_uri, run_id, cause, status)

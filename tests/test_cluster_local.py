@@ -170,3 +170,32 @@ def test_submit_smoke_sweep_and_find_its_runs_in_mlflow(local_cluster, tmp_path)
     assert all("eval/AP" in r.data.metrics for r in children)
     # Tune/Train state went to the storage path we gave.
     assert any((out / "results").iterdir())
+
+
+_PROBE = """
+import os, ray
+from pipeline.train import connect_ray
+connect_ray()
+
+@ray.remote(num_cpus=0)
+def address():
+    return os.environ.get('RAY_ADDRESS')
+
+print('driver', os.environ['RAY_ADDRESS'], 'task', ray.get(address.remote()), 'path', os.environ['PROBE_PATH'])
+"""
+
+
+def test_connect_ray_gives_every_task_of_a_job_the_cluster_address(local_cluster):
+    """Ray Train's placement-group cleaner (an actor) finds its cluster through RAY_ADDRESS; a job's
+    tasks and actors get it from connect_ray(), merged into the runtime env the job came with
+    (with a plain ray.init() the task sees None)."""
+    env = _cli_env(local_cluster)
+    runtime_env = '{"env_vars": {"PYTHONPATH": "%s", "PROBE_PATH": "kept"}}' % REPO
+    probe = subprocess.run(
+        [str(RAY), "job", "submit", "--runtime-env-json", runtime_env, "--", "python", "-c", _PROBE],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stdout[-3000:] + probe.stderr[-3000:]
+    line = next(l for l in probe.stdout.splitlines() if l.startswith("driver "))
+    _, driver, _, task, _, path = line.split()
+    assert driver == task and driver.endswith(f":{local_cluster['gcs']}"), line
+    assert path == "kept", "the job's own runtime env is kept"
