@@ -165,7 +165,10 @@ def evaluate_coco(gt, results, backend: str | None = None, iou_type: str = "bbox
         coco_gt.dataset = dict(gt_data)
         coco_gt.createIndex()
         coco_dt = _load_res(coco_gt, dets)
-        ev = Eval(coco_gt, coco_dt, iou_type)
+        # faster-coco-eval logs its summary at INFO through its own logger, which a Ray worker's
+        # logging config shows; print() goes to the buffer above like pycocotools' output.
+        kwargs = {} if backend == "pycocotools" else {"print_function": print}
+        ev = Eval(coco_gt, coco_dt, iou_type, **kwargs)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()

@@ -55,6 +55,19 @@ def test_perfect_detections_score_one_and_empty_scores_zero(backend, tmp_path):
     assert empty["per_category"] == {"car": 0.0, "train": 0.0}
 
 
+@pytest.mark.parametrize("backend", ["pycocotools", "faster"])
+def test_summary_is_quiet_unless_verbose(backend, caplog, capsys):
+    """Ray workers log at INFO: the summary must not reach their logs unless asked for."""
+    gt = _gt()
+    with caplog.at_level("INFO"):
+        evaluate_coco(gt, _perfect(gt), backend=backend)
+    assert not [r for r in caplog.records if "Average Precision" in r.getMessage()]
+    assert capsys.readouterr().out == ""
+    evaluate_coco(gt, _perfect(gt), backend=backend, verbose=True)
+    printed = capsys.readouterr().out.splitlines()
+    assert len([line for line in printed if "Average Precision" in line]) == 6, printed
+
+
 def test_wrong_category_halves_ap_and_input_is_not_mutated():
     gt = _gt()
     dets = _perfect(gt)
