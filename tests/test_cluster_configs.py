@@ -168,6 +168,8 @@ def test_kuberay_raycluster_gives_the_autoscaler_the_same_node_classes():
     docs = _kuberay_docs()
     cr = docs[("RayCluster", "atss-ray")]
     assert cr["apiVersion"] == "ray.io/v1" and cr["spec"]["enableInTreeAutoscaling"] is True
+    # Token auth as on the launcher's cluster; KubeRay gives the token to every Ray container.
+    assert cr["spec"]["authOptions"] == {"mode": "token", "secretName": "atss-ray-auth"}
     # Ray's own translation of the CR (runs validate_config too).
     config = _derive_autoscaling_config_from_ray_cr(cr)
     types = config["available_node_types"]
