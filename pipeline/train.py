@@ -317,6 +317,7 @@ class _RaySession(_Session):
         import ray.train
 
         super().__init__(cfg)
+        _quiet_ray_train_reports()
         ctx = ray.train.get_context()
         self.rank, self.world_size, self.local_rank = (ctx.get_world_rank(), ctx.get_world_size(),
                                                        ctx.get_local_rank())
@@ -1003,6 +1004,32 @@ def connect_ray(**init_kwargs) -> None:
     ray.init(runtime_env=runtime_env, **init_kwargs)
 
 
+def _ray_train_logging():
+    import ray.train
+
+    level = os.environ.get("ATSS_RAY_TRAIN_LOG_LEVEL", "WARNING")
+    try:
+        return ray.train.LoggingConfig(log_level=level)
+    except ValueError as e:
+        raise ValueError(f"ATSS_RAY_TRAIN_LOG_LEVEL={level!r}: {e}") from None
+
+
+def _quiet_ray_train_reports() -> None:
+    """Apply ``ATSS_RAY_TRAIN_LOG_LEVEL`` to Ray Train's per-report line on this worker.
+
+    Ray 2.60's ``execution/context.py`` names its logger after its file path instead of its module,
+    so the line escapes ``LoggingConfig`` (which filters ``ray.train.*``) and prints every metric
+    of every report from every rank. Without that module (another Ray version) nothing is changed.
+    """
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(_ray_train_logging().log_level)
+
+
 def build_trainer(cfg: TrainConfig, num_workers: int = 2, use_gpu: bool = False,
                   resources_per_worker: Optional[dict] = None, max_failures: int = 0,
                   callbacks: Optional[list] = None, scaling_kwargs: Optional[dict] = None,
@@ -1026,6 +1053,9 @@ def build_trainer(cfg: TrainConfig, num_workers: int = 2, use_gpu: bool = False,
                                                      checkpoint_score_attribute="iteration",
                                                      checkpoint_score_order="max"),
         callbacks=callbacks or None,
+        # Ray Train logs every report and checkpoint at INFO on each worker's console; the loop
+        # prints its own progress. Ray's system log files under logs/train/ keep every level.
+        logging_config=_ray_train_logging(),
     )
     return TorchTrainer(train_loop, train_loop_config=cfg.to_dict(),
                         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -82,3 +82,17 @@ def test_worker_failure_resumes_from_the_last_checkpoint(ray_cluster, tmp_path, 
     assert run.data.metrics["resumed_from_iteration"] == 3
     steps = sorted({m.step for m in MlflowClient(store).get_metric_history(res.mlflow_run_id, "train/loss")})
     assert steps == list(range(1, 9))
+
+
+def test_ray_train_console_shows_warnings_by_default_and_names_a_bad_level(tmp_path, monkeypatch):
+    from pipeline.train import build_trainer, prepare_config
+
+    cfg = prepare_config(TrainConfig(preset="tiny", batch_size=2, iterations=2, storage_path=str(tmp_path),
+                                     run_name="logging", mlflow_uri=None), num_workers=1, check_data=False)
+    monkeypatch.delenv("ATSS_RAY_TRAIN_LOG_LEVEL", raising=False)
+    assert build_trainer(cfg, num_workers=1).run_config.logging_config.log_level == "WARNING"
+    monkeypatch.setenv("ATSS_RAY_TRAIN_LOG_LEVEL", "info")
+    assert build_trainer(cfg, num_workers=1).run_config.logging_config.log_level == "INFO"
+    monkeypatch.setenv("ATSS_RAY_TRAIN_LOG_LEVEL", "LOUD")
+    with pytest.raises(ValueError, match="ATSS_RAY_TRAIN_LOG_LEVEL='LOUD'"):
+        build_trainer(cfg, num_workers=1)
