@@ -504,32 +504,30 @@ def format_tables(results: list[dict], setup: dict) -> str:
             cells += [f"{r['infer_ratio']:.2f}"] + ([f"{r['infer_ratio_cpu']:.2f}"] if cpu_cols else [])
             cells += [f"{r['infer_peak_MB']:.0f}", f"{r['dets_per_img']:.0f}"]
             lines.append("| " + " | ".join(cells) + " |")
-    if any(r["phases_s"] for res in results for r in res["rows"]):
-        clock = "CPU time" if cpu_cols else "wall time, synchronised"
-        lines += ["", f"Training step by phase (median ms, {clock}; prep = normalisation or torchvision's "
-                      "transform, loss = anchors + assignment + losses):", "",
-                  "| backbone | model | " + " | ".join(PHASES) + " | total |", "|---|---|" + "---|" * (len(PHASES) + 1)]
-        for res in results:
-            for r in res["rows"]:
-                if r["phases_s"]:
-                    ph = r["phases_s"]
-                    lines.append(f"| {res['backbone']} | {r['model']} | "
-                                 + " | ".join(f"{1000 * ph[p]:.0f}" for p in PHASES)
-                                 + f" | {1000 * sum(ph.values()):.0f} |")
-    if any(r["infer_phases_s"] for res in results for r in res["rows"]):
-        clock = "CPU time" if cpu_cols else "wall time, synchronised"
-        lines += ["", f"Inference batch by phase (median ms, {clock}; post = anchors, decoding, thresholds, "
-                      "per-level top-k, NMS):", "",
-                  "| backbone | model | " + " | ".join(INFER_PHASES) + " | total |",
-                  "|---|---|" + "---|" * (len(INFER_PHASES) + 1)]
-        for res in results:
-            for r in res["rows"]:
-                if r["infer_phases_s"]:
-                    ph = r["infer_phases_s"]
-                    lines.append(f"| {res['backbone']} | {r['model']} | "
-                                 + " | ".join(f"{1000 * ph[p]:.0f}" for p in INFER_PHASES)
-                                 + f" | {1000 * sum(ph.values()):.0f} |")
+    clock = "CPU time" if cpu_cols else "wall time, synchronised"
+    lines += _phase_table(results, "phases_s", PHASES,
+                          f"Training step by phase (median ms, {clock}; prep = normalisation or torchvision's "
+                          "transform, loss = anchors + assignment + losses):")
+    lines += _phase_table(results, "infer_phases_s", INFER_PHASES,
+                          f"Inference batch by phase (median ms, {clock}; post = anchors, decoding, thresholds, "
+                          "per-level top-k, NMS):")
     return "\n".join(lines)
+
+
+def _phase_table(results: list[dict], key: str, phases: tuple, title: str) -> list[str]:
+    """Markdown rows of the per-phase medians ``row[key]`` (seconds), or nothing when none were taken."""
+    if not any(r[key] for res in results for r in res["rows"]):
+        return []
+    lines = ["", title, "", "| backbone | model | " + " | ".join(phases) + " | total |",
+             "|---|---|" + "---|" * (len(phases) + 1)]
+    for res in results:
+        for r in res["rows"]:
+            if r[key]:
+                ph = r[key]
+                lines.append(f"| {res['backbone']} | {r['model']} | "
+                             + " | ".join(f"{1000 * ph[p]:.0f}" for p in phases)
+                             + f" | {1000 * sum(ph.values()):.0f} |")
+    return lines
 
 
 def parse_args(argv=None):
