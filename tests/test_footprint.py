@@ -1,0 +1,65 @@
+"""bench/footprint.py: process titles, and a real run whose memory and CPU are known.
+
+The probe command holds ~200 MiB of touched memory and spends ~1 s of CPU itself, and starts a
+daemon (double fork: it re-parents away from the command) that spends ~1 s more under a Ray-style
+process title; the footprint must find both.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import footprint  # noqa: E402
+
+PROBE = r"""
+import os, sys, time
+BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < {}: pass\n"
+if os.fork() == 0:
+    if os.fork() == 0:
+        # what Ray's setproctitle does to a worker: its command line becomes the title
+        os.execv(sys.executable, ["ray::RayTrainWorker.train_fn", "-c", BURN.format(1.0)])
+    os._exit(0)
+buf = bytearray(200 * 2**20)
+for i in range(0, len(buf), 4096):
+    buf[i] = 1
+exec(BURN.format(1.0))
+time.sleep(1.0)
+"""
+
+
+def test_titles_follow_ray_and_python_command_lines():
+    assert footprint.title_of("ray::RayTrainWorker.train_fn()") == "ray::RayTrainWorker"
+    assert footprint.title_of("ray::_Inner.train") == "ray::_Inner"
+    assert footprint.title_of("ray::IDLE") == "ray::IDLE"
+    assert footprint.title_of("ray-dashboard-JobHead-0 (/x/bin/python -c ...)") == "ray-dashboard-JobHead"
+    assert footprint.title_of("/x/bin/python3.11 -u /x/ray/dashboard/agent.py --a=1") == "python dashboard/agent.py"
+    assert footprint.title_of("/x/bin/python -m pytest -q") == "python -m pytest"
+    assert footprint.title_of("/x/ray/core/src/ray/raylet/raylet --node=1") == "raylet"
+
+
+def test_a_run_is_measured_with_its_detached_daemons(tmp_path):
+    out = tmp_path / "fp.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "footprint.py"), "--interval", "0.2", "--json", str(out),
+                           "--", sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(out.read_text())
+    assert s["returncode"] == 0
+    assert 0.19 <= s["pss_peak_gb"] < 1.0
+    by = {g["title"]: g for g in s["by_title"]}
+    assert by["ray::RayTrainWorker"]["cpu_s"] >= 1.0  # the daemon, found although it left the command's tree
+    assert s["worker_cpu_s"] == by["ray::RayTrainWorker"]["cpu_s"]
+    assert 0.0 < s["worker_cpu_share"] < 1.0
+    assert s["cpu_s"] >= 2.0
+    assert "peak PSS" in proc.stdout and "| ray::RayTrainWorker |" in proc.stdout
+
+
+def test_the_command_exit_code_is_passed_on():
+    proc = subprocess.run([sys.executable, str(BENCH / "footprint.py"), "--", sys.executable, "-c",
+                           "raise SystemExit(3)"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3
+    assert "exit 3" in proc.stdout
