@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
@@ -77,6 +77,15 @@ class Schedule:
         d = asdict(self)
         d["steps"] = list(self.steps)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Schedule":
+        """Inverse of :meth:`to_dict`; unknown or missing keys raise ``ValueError`` naming them."""
+        names = [f.name for f in fields(cls)]
+        unknown, missing = sorted(set(d) - set(names)), [n for n in names if n not in d]
+        if unknown or missing:
+            raise ValueError(f"Schedule: unknown key(s) {unknown}, missing key(s) {missing}")
+        return cls(**{**d, "steps": tuple(int(s) for s in d["steps"])})
 
 
 def resolve_schedule(

@@ -12,12 +12,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import traceback
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 DEFAULT_EXPERIMENT = "atss"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
@@ -28,6 +30,51 @@ _METRICS_PER_BATCH = 1000
 # ----------------------------------------------------------------------------------------------
 # where runs go
 # ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where one run is tracked: an absolute store ``uri`` (see :meth:`resolve`), the experiment, and
+    optionally the parent run (sweeps), extra ``tags`` and an existing ``run_id`` to log into."""
+
+    uri: str
+    experiment: str = DEFAULT_EXPERIMENT
+    parent_run_id: Optional[str] = None
+    run_id: Optional[str] = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.uri, str) or not self.uri:
+            raise ValueError(f"TrackingConfig.uri must be a non-empty URI, got {self.uri!r}")
+        if not isinstance(self.experiment, str) or not self.experiment:
+            raise ValueError(f"TrackingConfig.experiment must be a non-empty name, got {self.experiment!r}")
+        if not isinstance(self.tags, Mapping):
+            raise ValueError(f"TrackingConfig.tags must be a mapping, got {type(self.tags).__name__}")
+        object.__setattr__(self, "tags", {str(k): str(v) for k, v in self.tags.items()})
+
+    @classmethod
+    def resolve(cls, uri: Optional[str] = None, experiment: str = DEFAULT_EXPERIMENT,
+                parent_run_id: Optional[str] = None, run_id: Optional[str] = None,
+                tags: Optional[Mapping[str, Any]] = None,
+                cwd: str | os.PathLike | None = None) -> "TrackingConfig":
+        """``uri`` made absolute against ``cwd`` (None: :func:`default_tracking_uri`)."""
+        uri = absolute_tracking_uri(uri, cwd) if uri else default_tracking_uri(cwd)
+        return cls(uri, experiment, parent_run_id, run_id, dict(tags or {}))
+
+    def replace(self, **changes: Any) -> "TrackingConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"uri": self.uri, "experiment": self.experiment, "parent_run_id": self.parent_run_id,
+                "run_id": self.run_id, "tags": dict(self.tags)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrackingConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"TrackingConfig: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+
 def default_tracking_uri(cwd: str | os.PathLike | None = None) -> str:
     """``MLFLOW_TRACKING_URI`` (made absolute) or ``sqlite:///<abs cwd>/mlflow.db``."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
