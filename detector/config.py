@@ -5,15 +5,20 @@ Tables 1-7) is one :class:`DetectorConfig`; the ablations are sweeps over its fi
 (``cfg.replace(topk=5)``). Fields are flat scalars or tuples of scalars so that they can be
 logged as MLflow params and round-trip through JSON (:meth:`to_dict` / :meth:`from_dict`).
 
-Validation runs in ``__post_init__``: an unknown value or an impossible combination raises
-``ValueError`` naming the field(s).
+Validation runs in ``__post_init__``: every field is checked by type and against ``RULES``
+(:mod:`detector.fields`; a bad value raises ``FieldError``, a ``ValueError`` naming the field,
+the value and what is allowed), then the combinations the paper does not define raise
+``ValueError`` naming the fields.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from .fields import Rule, check_fields, check_keys
 
 BACKBONES = (
     "resnet18",
@@ -23,11 +28,23 @@ BACKBONES = (
     "resnext101_32x8d",
     "resnext101_64x4d",
 )
-ASSIGNERS = ("atss", "max_iou", "spatial_scale")
+ASSIGNERS = ("atss", "max_iou", "spatial_scale", "topk")
 REG_LOSSES = ("giou", "smooth_l1")
 REGRESSIONS = ("box", "point")
 NUM_LEVELS = 5  # FPN P3-P7
 STRIDES = (8, 16, 32, 64, 128)
+
+
+def aspect_ratio(text: str) -> float:
+    """One aspect ratio (height / width) as text: ``"1:2"`` -> 0.5 as the paper writes it, or ``"0.5"``."""
+    num, sep, den = text.partition(":")
+    try:
+        value = float(num) / float(den) if sep else float(text)
+    except ZeroDivisionError:
+        raise ValueError(f"aspect ratio {text!r} divides by zero") from None
+    if not math.isfinite(value):
+        raise ValueError(f"aspect ratio {text!r} is not a finite number")
+    return value
 
 
 @dataclass(frozen=True)
@@ -71,8 +88,9 @@ class DetectorConfig:
         delta_clamp: upper clamp of decoded dw, dh (``log(1000 / 16)``).
 
     Assignment
-        assigner: ``"atss"``, ``"max_iou"`` (RetinaNet) or ``"spatial_scale"`` (FCOS).
-        topk: ATSS candidates per level and per anchor shape (k, 9).
+        assigner: ``"atss"``, ``"max_iou"`` (RetinaNet), ``"spatial_scale"`` (FCOS) or ``"topk"``
+            (the official code's ``TOPK``: the ``topk`` anchors of highest IoU over all levels).
+        topk: ATSS candidates per level and per anchor shape (k, 9); ``"topk"``: candidates per GT.
         iou_pos_thr, iou_neg_thr, low_quality_matches: the ``max_iou`` matcher
             (0.5 / 0.4, low-quality matches on); IoUs in between are ignored.
         in_gt_box: positives must have their anchor centre strictly inside their GT
@@ -147,74 +165,65 @@ class DetectorConfig:
     nms_thresh: float = 0.6
     detections_per_img: int = 100
 
+    # What each field allows beyond its annotated type (detector.fields checks both).
+    RULES: ClassVar[Mapping[str, Rule]] = {
+        "backbone": Rule(choices=BACKBONES),
+        "frozen_stages": Rule(ge=0, le=5),
+        "dcn_stages": Rule(choices=(3, 4, 5)),
+        "fpn_channels": Rule(ge=1),
+        "num_classes": Rule(ge=1),
+        "head_channels": Rule(ge=1),
+        "num_convs": Rule(ge=0),
+        "gn_groups": Rule(ge=1),
+        "prior_prob": Rule(gt=0, lt=1),
+        "regression": Rule(choices=REGRESSIONS),
+        "anchor_scale": Rule(gt=0),
+        "scales_per_octave": Rule(ge=1),
+        "aspect_ratios": Rule(gt=0, nonempty=True, token=aspect_ratio),
+        "bbox_reg_weights": Rule(gt=0),
+        "delta_clamp": Rule(gt=0),
+        "assigner": Rule(choices=ASSIGNERS),
+        "topk": Rule(ge=1),
+        "iou_pos_thr": Rule(ge=0, le=1),
+        "iou_neg_thr": Rule(ge=0, le=1),
+        "center_sampling_radius": Rule(gt=0),
+        "fcos_size_bounds": Rule(gt=0),
+        "crowd_iof_thr": Rule(gt=0, le=1),
+        "focal_alpha": Rule(ge=0, le=1),
+        "focal_gamma": Rule(ge=0),
+        "reg_loss": Rule(choices=REG_LOSSES),
+        "smooth_l1_beta": Rule(ge=0),
+        "reg_loss_weight": Rule(ge=0),
+        "score_thresh": Rule(ge=0, lt=1),
+        "pre_nms_top_n": Rule(ge=1),
+        "nms_thresh": Rule(gt=0, le=1),
+        "detections_per_img": Rule(ge=1),
+    }
+
     def __post_init__(self) -> None:
-        # Tuples may arrive as lists (JSON, MLflow, Tune); store them as tuples of numbers.
-        for name in ("dcn_stages", "aspect_ratios", "bbox_reg_weights", "fcos_size_bounds"):
-            value = getattr(self, name)
-            if isinstance(value, (int, float)):
-                value = (value,)
-            try:
-                value = tuple(value)
-            except TypeError:
-                raise ValueError(f"DetectorConfig.{name} must be a tuple of numbers, got {value!r}") from None
-            object.__setattr__(self, name, value)
-        object.__setattr__(self, "dcn_stages", tuple(sorted(int(s) for s in self.dcn_stages)))
-        object.__setattr__(self, "aspect_ratios", tuple(float(r) for r in self.aspect_ratios))
-        object.__setattr__(self, "pretrained_path", "" if self.pretrained_path is None else str(self.pretrained_path))
+        if self.pretrained_path is None:  # "no weights" written as null in JSON/YAML
+            object.__setattr__(self, "pretrained_path", "")
+        check_fields(self)
+        object.__setattr__(self, "dcn_stages", tuple(sorted(set(self.dcn_stages))))
         self._validate()
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
+        """Checks between fields; each field on its own was checked against RULES."""
         def bad(msg: str) -> None:
             raise ValueError(f"DetectorConfig: {msg}")
 
-        if self.backbone not in BACKBONES:
-            bad(f"backbone={self.backbone!r} is unknown; choose one of {BACKBONES}")
-        if self.assigner not in ASSIGNERS:
-            bad(f"assigner={self.assigner!r} is unknown; choose one of {ASSIGNERS}")
-        if self.reg_loss not in REG_LOSSES:
-            bad(f"reg_loss={self.reg_loss!r} is unknown; choose one of {REG_LOSSES}")
-        if self.regression not in REGRESSIONS:
-            bad(f"regression={self.regression!r} is unknown; choose one of {REGRESSIONS}")
-        if not 0 <= self.frozen_stages <= 5:
-            bad(f"frozen_stages={self.frozen_stages} must be in 0..5")
-        if not set(self.dcn_stages) <= {3, 4, 5}:
-            bad(f"dcn_stages={self.dcn_stages} may only contain stages 3, 4, 5")
         if any(s <= self.frozen_stages for s in self.dcn_stages):
             bad(f"dcn_stages={self.dcn_stages} overlap frozen_stages={self.frozen_stages}; a frozen stage "
                 "cannot learn deformable offsets")
-        for name in ("num_classes", "fpn_channels", "head_channels", "topk", "scales_per_octave",
-                     "pre_nms_top_n", "detections_per_img", "gn_groups"):
-            if int(getattr(self, name)) < 1:
-                bad(f"{name}={getattr(self, name)} must be >= 1")
-        if self.num_convs < 0:
-            bad(f"num_convs={self.num_convs} must be >= 0")
         if self.dcn_in_tower and self.num_convs < 1:
             bad("dcn_in_tower=True needs num_convs >= 1 (it replaces the last tower conv)")
         if self.group_norm and self.head_channels % self.gn_groups:
             bad(f"head_channels={self.head_channels} is not divisible by gn_groups={self.gn_groups}")
-        if not self.aspect_ratios or any(r <= 0 for r in self.aspect_ratios):
-            bad(f"aspect_ratios={self.aspect_ratios} must be non-empty and positive")
-        if self.anchor_scale <= 0:
-            bad(f"anchor_scale={self.anchor_scale} must be > 0")
-        if len(self.bbox_reg_weights) != 4 or any(w <= 0 for w in self.bbox_reg_weights):
-            bad(f"bbox_reg_weights={self.bbox_reg_weights} must be 4 positive numbers")
-        if len(self.fcos_size_bounds) != NUM_LEVELS - 1 or list(self.fcos_size_bounds) != sorted(self.fcos_size_bounds):
+        if list(self.fcos_size_bounds) != sorted(self.fcos_size_bounds):
             bad(f"fcos_size_bounds={self.fcos_size_bounds} must be {NUM_LEVELS - 1} increasing numbers")
-        if not 0.0 <= self.iou_neg_thr <= self.iou_pos_thr <= 1.0:
+        if not self.iou_neg_thr <= self.iou_pos_thr:
             bad(f"need 0 <= iou_neg_thr ({self.iou_neg_thr}) <= iou_pos_thr ({self.iou_pos_thr}) <= 1")
-        if not 0.0 < self.prior_prob < 1.0:
-            bad(f"prior_prob={self.prior_prob} must be in (0, 1)")
-        if not 0.0 <= self.focal_alpha <= 1.0 or self.focal_gamma < 0:
-            bad(f"focal_alpha={self.focal_alpha} must be in [0, 1] and focal_gamma={self.focal_gamma} >= 0")
-        if self.reg_loss_weight < 0 or self.smooth_l1_beta < 0:
-            bad("reg_loss_weight and smooth_l1_beta must be >= 0")
-        if not 0.0 <= self.score_thresh < 1.0 or not 0.0 < self.nms_thresh <= 1.0:
-            bad(f"score_thresh={self.score_thresh} must be in [0, 1) and nms_thresh={self.nms_thresh} in (0, 1]")
-        if self.center_sampling_radius <= 0:
-            bad(f"center_sampling_radius={self.center_sampling_radius} must be > 0")
-        if not 0.0 < self.crowd_iof_thr <= 1.0:
-            bad(f"crowd_iof_thr={self.crowd_iof_thr} must be in (0, 1]")
         # Combinations the paper's method does not define.
         if self.centerness and not self.in_gt_box:
             bad("centerness=True requires in_gt_box=True: centerness is undefined for positives whose "
@@ -261,10 +270,7 @@ class DetectorConfig:
 
 
 def _check_keys(d: dict[str, Any]) -> None:
-    known = {f.name for f in dataclasses.fields(DetectorConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"DetectorConfig has no field(s) {unknown}; known fields: {sorted(known)}")
+    check_keys(DetectorConfig, d)
 
 
 # ---------------------------------------------------------------------- presets
