@@ -22,6 +22,9 @@ from .losses import (centerness_loss, centerness_targets, classification_loss, r
 from .postprocess import postprocess_image, rescale_boxes
 
 SIZE_DIVISIBLE = 32
+# torchvision's ImageNet weights (ResNet50_Weights.IMAGENET1K_V1 etc.) expect these, RGB in [0, 1].
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ATSSDetector(nn.Module):
@@ -29,8 +32,16 @@ class ATSSDetector(nn.Module):
 
     ``forward(images, targets=None, image_sizes=None, original_sizes=None)``:
 
-    - ``images``: float[B, 3, H, W] (normalised, padded) or a list of float[3, h, w] (padded here
-      on the bottom/right to a multiple of 32).
+    - ``images``: [B, 3, H, W] (padded) or a list of [3, h, w] (padded here on the bottom/right
+      to a multiple of 32), RGB, in one of two formats told apart by dtype:
+
+      - uint8: raw pixels 0..255, as :mod:`pipeline.data` yields them. The model normalises them
+        on its own device with the ImageNet ``pixel_mean``/``pixel_std`` buffers and sets the
+        padding outside each image's valid region (``image_sizes``, or each list item's size) to
+        0, the mean colour, so the host never does float work or ships 4x the bytes.
+      - floating point: already normalised ((x/255 - IMAGENET_MEAN) / IMAGENET_STD, padding 0),
+        used as given. A float image in 0..255 must be converted with ``.round().to(torch.uint8)``
+        or passed through :meth:`normalize` first.
     - ``targets`` (training): list of dicts with ``boxes`` float[G, 4] xyxy in input pixels,
       ``labels`` int64[G] in 1..num_classes, optional ``crowd_boxes`` float[K, 4].
     - ``image_sizes``: list of (h, w), the valid region of each image (default: its tensor size).
@@ -47,14 +58,33 @@ class ATSSDetector(nn.Module):
         body = ResNetBody(cfg.backbone, frozen_bn=cfg.frozen_bn, frozen_stages=cfg.frozen_stages,
                           dcn_stages=cfg.dcn_stages, pretrained_path=cfg.pretrained_path)
         self.backbone = BackboneFPN(body, cfg.fpn_channels)
-        self.head = ATSSHead(cfg.fpn_channels, cfg.num_classes, cfg.anchors_per_location, cfg.head_channels,
-                             cfg.num_convs, cfg.group_norm, cfg.gn_groups, cfg.scalar, cfg.centerness,
-                             cfg.regression, cfg.dcn_in_tower, cfg.prior_prob, NUM_LEVELS)
+        self.head = ATSSHead(in_channels=cfg.fpn_channels, num_classes=cfg.num_classes,
+                             anchors_per_location=cfg.anchors_per_location, channels=cfg.head_channels,
+                             num_convs=cfg.num_convs, group_norm=cfg.group_norm, gn_groups=cfg.gn_groups,
+                             scalar=cfg.scalar, centerness=cfg.centerness, regression=cfg.regression,
+                             dcn_in_tower=cfg.dcn_in_tower, prior_prob=cfg.prior_prob, num_levels=NUM_LEVELS)
         self.anchor_generator = AnchorGenerator(cfg.strides, cfg.anchor_scale, cfg.scales_per_octave,
                                                 cfg.aspect_ratios)
         self.box_coder = DeltaBoxCoder(cfg.bbox_reg_weights, cfg.delta_clamp)
         self.point_coder = PointCoder()
+        self.assigner = assigners.build_assigner(cfg)
         self.assign_stats: dict[str, float] = {}
+        # Non-persistent, as in detectron2: checkpoints stay the same and .to(device) moves them.
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0, persistent=False)
+
+    def normalize(self, images: Tensor, image_sizes: Sequence[tuple[int, int]] | None = None) -> Tensor:
+        """Pixels 0..255 ``[B, 3, H, W]`` (uint8 or float) -> normalised float32, 0 outside ``image_sizes``.
+
+        The zero padding keeps batches bit-identical to normalising each image before padding it.
+        """
+        out = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
+        if image_sizes is not None:
+            hw = torch.as_tensor(image_sizes, device=images.device).view(-1, 2, 1)
+            rows = torch.arange(out.shape[-2], device=images.device) < hw[:, 0]  # [B, H]
+            cols = torch.arange(out.shape[-1], device=images.device) < hw[:, 1]  # [B, W]
+            out = torch.where((rows[:, :, None] & cols[:, None, :])[:, None], out, out.new_zeros(()))
+        return out
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: Tensor | Sequence[Tensor], targets: list[dict[str, Tensor]] | None = None,
@@ -83,32 +113,41 @@ class ATSSDetector(nn.Module):
                       image_sizes: Sequence[tuple[int, int]] | None) -> tuple[Tensor, list[tuple[int, int]]]:
         if isinstance(images, Tensor):
             if images.dim() != 4 or images.shape[1] != 3:
-                raise ValueError(f"images must be float[B, 3, H, W] or a list of float[3, h, w], "
+                raise ValueError(f"images must be [B, 3, H, W] or a list of [3, h, w] (uint8 or float), "
                                  f"got shape {tuple(images.shape)}")
             sizes = [tuple(images.shape[-2:])] * images.shape[0]
             batch = images
+            valid = image_sizes
         else:
             images = list(images)
             if not images:
                 raise ValueError("empty list of images")
             for i, im in enumerate(images):
                 if im.dim() != 3 or im.shape[0] != 3:
-                    raise ValueError(f"image {i} must be float[3, h, w], got shape {tuple(im.shape)}")
+                    raise ValueError(f"image {i} must be [3, h, w], got shape {tuple(im.shape)}")
+                if (im.dtype == torch.uint8) != (images[0].dtype == torch.uint8):
+                    raise ValueError(f"image {i} is {im.dtype} but image 0 is {images[0].dtype}: "
+                                     f"a batch is either all uint8 pixels or all normalised floats")
             sizes = [tuple(im.shape[-2:]) for im in images]
+            valid = sizes
             h = max(s[0] for s in sizes)
             w = max(s[1] for s in sizes)
             batch = images[0].new_zeros(len(images), 3, h, w)
             for i, im in enumerate(images):
                 batch[i, :, : im.shape[1], : im.shape[2]] = im
+        if image_sizes is not None:
+            if len(image_sizes) != batch.shape[0]:
+                raise ValueError(f"got {len(image_sizes)} image_sizes for {batch.shape[0]} images")
+            sizes = [(int(s[0]), int(s[1])) for s in image_sizes]
+        if batch.dtype == torch.uint8:
+            batch = self.normalize(batch, valid)
+        elif not batch.is_floating_point():
+            raise ValueError(f"images must be uint8 pixels or normalised floats, got {batch.dtype}")
         h, w = batch.shape[-2:]
         ph = (-h) % SIZE_DIVISIBLE
         pw = (-w) % SIZE_DIVISIBLE
         if ph or pw:
             batch = F.pad(batch, (0, pw, 0, ph))
-        if image_sizes is not None:
-            if len(image_sizes) != batch.shape[0]:
-                raise ValueError(f"got {len(image_sizes)} image_sizes for {batch.shape[0]} images")
-            sizes = [(int(s[0]), int(s[1])) for s in image_sizes]
         return batch, [(int(s[0]), int(s[1])) for s in sizes]
 
     # ------------------------------------------------------------------ training
@@ -165,16 +204,7 @@ class ATSSDetector(nn.Module):
                crowd_boxes: Tensor | None = None, crowd_valid: Tensor | None = None) -> Tensor:
         """Configured assigner over a padded batch -> int64[B, N] (GT index, -1 background, -2 ignore)."""
         cfg = self.cfg
-        if cfg.assigner == "atss":
-            matched = assigners.atss_assign_batched(anchors.anchors, anchors.num_per_level, gt_boxes, gt_valid,
-                                                    cfg.topk, cfg.anchors_per_location, cfg.in_gt_box)
-        elif cfg.assigner == "max_iou":
-            matched = assigners.max_iou_assign_batched(anchors.anchors, gt_boxes, gt_valid, cfg.iou_pos_thr,
-                                                       cfg.iou_neg_thr, cfg.low_quality_matches, cfg.in_gt_box)
-        else:
-            matched = assigners.spatial_scale_assign_batched(
-                anchors.centers, anchors.strides, anchors.levels, gt_boxes, gt_valid, cfg.fcos_size_bounds,
-                cfg.center_sampling, cfg.center_sampling_radius)
+        matched = self.assigner(anchors, gt_boxes, gt_valid)
         if cfg.crowd_as_ignore and crowd_boxes is not None and crowd_boxes.shape[1] > 0:
             in_crowd = assigners.crowd_ignore_mask(anchors.anchors, crowd_boxes, crowd_valid, cfg.crowd_iof_thr)
             matched = matched.masked_fill(in_crowd & (matched < 0), assigners.IGNORE)
