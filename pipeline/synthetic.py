@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .progress import progress
+
 __all__ = ["CATEGORIES", "SyntheticSpec", "render_image", "generate_split", "make_synthetic_coco",
            "ensure_synthetic", "GENERATOR_VERSION"]
 
@@ -287,13 +289,15 @@ def generate_split(spec: SyntheticSpec, split: str, root: str | os.PathLike, wor
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     num = spec.num_train if split == "train" else spec.num_val
     jobs = [(spec, split, i, str(image_dir)) for i in range(num)]
+    bar = dict(total=num, desc=f"synthetic {split} images", unit="img")
     if pool is not None:
-        results = pool.map(_render_and_save, jobs, chunksize=max(1, num // 32))
+        results = list(progress(pool.imap(_render_and_save, jobs, chunksize=max(1, num // 32)), **bar))
     elif workers > 1 and num > 1:
         with get_context("spawn").Pool(workers) as own:
-            results = own.map(_render_and_save, jobs, chunksize=max(1, num // (8 * workers)))
+            results = list(progress(own.imap(_render_and_save, jobs, chunksize=max(1, num // (8 * workers))),
+                                    **bar))
     else:
-        results = [_render_and_save(j) for j in jobs]
+        results = [_render_and_save(j) for j in progress(jobs, **bar)]
     images, annotations = [], []
     next_ann = _ID_OFFSET[split] + 1
     for info, anns in results:
