@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .annotations import AnnotationError, AnnotationTable, load_coco_json
+from ..progress import progress
 
 __all__ = ["build_index", "write_index", "read_index", "INDEX_VERSION"]
 
@@ -89,8 +90,15 @@ def write_index(table: AnnotationTable, out: str | os.PathLike) -> Path:
 
 def build_index(ann_file: str | os.PathLike, out: str | os.PathLike) -> AnnotationTable:
     """Convert a COCO instances/image-info json to an index (``.parquet``/``.arrow``); returns the table."""
-    table, _ = load_coco_json(ann_file)
-    write_index(table, out)
+    # Two long steps without a loop to count: the bar names the step and the time spent.
+    with progress(total=2, desc=f"index {Path(ann_file).name}", unit="step",
+                  bar_format="{desc}: {postfix} (step {n_fmt}/{total_fmt}, {elapsed})") as bar:
+        bar.set_postfix_str("parsing the json")
+        table, _ = load_coco_json(ann_file)
+        bar.update()
+        bar.set_postfix_str(f"writing {Path(out).name}")
+        write_index(table, out)
+        bar.update()
     return table
 
 
