@@ -10,7 +10,9 @@ peak extra memory of each: on CPU the
 growth of the process's peak RSS during the call (each measurement in a fresh subprocess), on CUDA
 ``torch.cuda.max_memory_allocated``. The loop reference is written the way the official code does
 it per GT: full IoU/distance columns over all anchors, a stable sort per level, an anchors x GTs
-matrix to resolve anchors claimed by several GTs.
+matrix to resolve anchors claimed by several GTs. It is the tests' reference
+(``tests/reference_assigners.py``), imported from there so that the loop the tests trust and the
+loop this benchmark times are one piece of code.
 """
 from __future__ import annotations
 
@@ -24,44 +26,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the loop peer is the tests' reference assigner
+
+from reference_assigners import reference_atss_assign  # noqa: E402
 
 from detector.anchors import AnchorGenerator  # noqa: E402
-from detector.assigners import atss_assign_batched, box_centers, centers_inside, pairwise_iou  # noqa: E402
+from detector.assigners import atss_assign_batched  # noqa: E402
 
 STRIDES = (8, 16, 32, 64, 128)
-
-
-def reference_atss_assign(anchors: torch.Tensor, num_anchors_per_level: list[int], gt_boxes: torch.Tensor,
-                          topk: int = 9, anchors_per_location: int = 1) -> torch.Tensor:
-    """Per-GT loop over one image (the readable reference): int64[N], GT index or -1.
-
-    Same conventions as :func:`detector.assigners.atss_assign`: squared centre distances in float32,
-    a stable sort per level (equal distances -> lower anchor index), threshold mean + unbiased std
-    of the candidates' IoUs, centre strictly inside the GT by 0.01 px, largest IoU wins (lower GT
-    index on ties)."""
-    n, g = anchors.shape[0], gt_boxes.shape[0]
-    if g == 0:
-        return torch.full((n,), -1, dtype=torch.long)
-    ac = box_centers(anchors).float()
-    claimed = torch.full((n, g), float("-inf"), dtype=anchors.dtype, device=anchors.device)
-    for j in range(g):
-        box = gt_boxes[j]
-        gc = box_centers(box).float()
-        candidates = []
-        start = 0
-        for n_l in num_anchors_per_level:
-            d2 = (ac[start:start + n_l, 0] - gc[0]).square() + (ac[start:start + n_l, 1] - gc[1]).square()
-            order = torch.sort(d2, stable=True).indices
-            candidates.append(order[: min(topk * anchors_per_location, n_l)] + start)
-            start += n_l
-        cand = torch.cat(candidates)
-        ious = pairwise_iou(anchors[cand], box)
-        thresh = ious.mean() + (ious.std() if cand.numel() > 1 else 0.0)
-        keep = (ious >= thresh) & centers_inside(box_centers(anchors[cand]), box)
-        claimed[cand[keep], j] = ious[keep]
-    best, idx = claimed.max(dim=1)
-    return torch.where(torch.isfinite(best), idx, torch.full_like(idx, -1))
 
 
 def make_inputs(num_images: int, num_gts: int, height: int, width: int, seed: int = 0, device: str = "cpu"):

@@ -13,23 +13,38 @@ import torch
 from torch import Tensor
 
 
+# Half-sides are multiples of this (1/256 px): ``centre +- half`` is then exact in float32 for
+# coordinates below 2**16, so every shape of a location has the location's centre as its exact
+# midpoint and ties in centre distance cover whole locations.
+HALF_SIDE_STEP = 1.0 / 256
+
+
 def cell_anchors(stride: int, anchor_scale: float, scales_per_octave: int,
                  aspect_ratios: tuple[float, ...]) -> Tensor:
     """The ``A`` anchor shapes of one location centred on the origin, float[A, 4] xyxy.
 
-    Side of the square anchor: ``anchor_scale * stride * 2 ** (i / scales_per_octave)``;
-    a ratio ``r = h / w`` keeps the area. Order: ratio outer, scale inner (maskrcnn-benchmark).
-    Half-sides are rounded to 1/16 px (the official code rounds to whole pixels) so that
-    ``centre +- half`` is exact in float32 and every shape of a location has exactly the location's
-    centre as its midpoint: ties in centre distance then cover whole locations.
+    The official generator's rule (maskrcnn-benchmark ``generate_anchors``): the ratio step works
+    on the ``stride x stride`` base box in whole pixels, ``w0 = round(sqrt(stride**2 / r))``,
+    ``h0 = round(w0 * r)`` (``r = h / w``, round half to even as ``np.round``), and only then is
+    the box scaled by ``anchor_scale * 2 ** (i / scales_per_octave)``. So non-square shapes keep
+    the official widths and heights (8S, r = 2 at stride 8: 48 x 96, not 45.25 x 90.5); square
+    ones are ``anchor_scale * stride * 2 ** (i / scales_per_octave)`` on a side. Under the
+    official "+1" convention that width is ``x2 - x1 + 1``; here it is ``x2 - x1`` (spec section 0).
+    Order: ratio outer, scale inner, as the official code.
+
+    Half-sides are rounded to :data:`HALF_SIDE_STEP`; sizes that are whole multiples of it (every
+    shape with one scale per octave) are the official ones exactly, the irrational octave steps
+    (``2 ** (1/3)``) within 1/256 px.
     """
     rows = []
     for ratio in aspect_ratios:
+        w0 = round(math.sqrt(stride * stride / ratio))
+        h0 = round(w0 * ratio)
         for i in range(scales_per_octave):
-            size = anchor_scale * stride * 2.0 ** (i / scales_per_octave)
-            w = size / math.sqrt(ratio)
-            h = size * math.sqrt(ratio)
-            hw, hh = round(w * 8) / 16, round(h * 8) / 16
+            # Same float64 operations as the official code: sizes / stride, then times w0, h0.
+            scale = (2.0 ** (i / float(scales_per_octave)) * (anchor_scale * stride)) / stride
+            hw = round(w0 * scale / 2 / HALF_SIDE_STEP) * HALF_SIDE_STEP
+            hh = round(h0 * scale / 2 / HALF_SIDE_STEP) * HALF_SIDE_STEP
             rows.append([-hw, -hh, hw, hh])
     return torch.tensor(rows, dtype=torch.float32)
 

@@ -1,4 +1,5 @@
-"""Label assignment as plain functions over tensors.
+"""Label assignment: plain functions over tensors, and assigner objects that bind a configuration's
+settings once (:func:`build_assigner`, called when the model is built).
 
 Every assigner returns, for each anchor, the index of its matched ground truth (``>= 0``),
 :data:`BACKGROUND` (``-1``) or, for the assigners that have an ignore band, :data:`IGNORE`
@@ -17,6 +18,9 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+
+from .anchors import AnchorSet
+from .config import ASSIGNERS, DetectorConfig
 
 BACKGROUND = -1
 IGNORE = -2
@@ -223,7 +227,7 @@ def _smallest_stable(d: Tensor, k: int) -> Tensor:
 
 def atss_assign_batched(anchors: Tensor, num_anchors_per_level: Sequence[int], gt_boxes: Tensor,
                         gt_valid: Tensor | None = None, topk: int = 9, anchors_per_location: int = 1,
-                        in_gt_box: bool = True) -> Tensor:
+                        in_gt_box: bool = True, center_margin: float = CENTER_MARGIN) -> Tensor:
     """ATSS (spec section 1) for a padded batch sharing one anchor set.
 
     anchors float[N, 4]; gt_boxes float[B, G, 4]; gt_valid bool[B, G] (None: all valid)
@@ -231,7 +235,8 @@ def atss_assign_batched(anchors: Tensor, num_anchors_per_level: Sequence[int], g
 
     Per GT: candidates = per level the ``min(topk * anchors_per_location, n_level)`` anchors with
     the closest centres; threshold = mean + std (unbiased) of the candidates' IoUs; positives =
-    candidates with ``IoU >= threshold`` and (``in_gt_box``) centre inside the GT by > 0.01 px.
+    candidates with ``IoU >= threshold`` and (``in_gt_box``) centre inside the GT by more than
+    ``center_margin`` px (0.01).
     An anchor claimed by several GTs goes to the one with the largest IoU (lower index on ties).
     IoUs are computed for the candidates only (about ``topk * levels`` per GT), so memory is
     O(G * topk) plus one bounded distance block, never O(N * G).
@@ -254,10 +259,20 @@ def atss_assign_batched(anchors: Tensor, num_anchors_per_level: Sequence[int], g
     thresh = ious.mean(dim=1) + std
     pos = ious >= thresh[:, None]
     if in_gt_box:
-        pos &= centers_inside(box_centers(cand_boxes), boxes[:, None, :])
+        pos &= centers_inside(box_centers(cand_boxes), boxes[:, None, :], center_margin)
+    return _resolve_claims(img, gt, cand, ious, pos, b, n, g)
+
+
+def _resolve_claims(img: Tensor, gt: Tensor, cand: Tensor, ious: Tensor, pos: Tensor, b: int, n: int,
+                    g: int) -> Tensor:
+    """Positive (GT, candidate) pairs -> int64[B, N]: an anchor claimed by several GTs goes to the one
+    with the largest IoU (lower GT index on ties), every other anchor is background.
+
+    img, gt int64[M] (image and GT index of each GT row), cand int64[M, K] (anchor indices),
+    ious float[M, K], pos bool[M, K]."""
     pair_m, pair_k = pos.nonzero(as_tuple=True)
     if pair_m.numel() == 0:
-        return result
+        return torch.full((b, n), BACKGROUND, dtype=torch.long, device=cand.device)
     flat = img[pair_m] * n + cand[pair_m, pair_k]  # (image, anchor) of each positive pair
     pair_iou = ious[pair_m, pair_k]
     best = torch.full((b * n,), float("-inf"), dtype=ious.dtype, device=ious.device)
@@ -282,6 +297,46 @@ def atss_assign(anchors: Tensor, num_anchors_per_level: Sequence[int], gt_boxes:
     """
     gt, valid = _as_batch(gt_boxes)
     return atss_assign_batched(anchors, num_anchors_per_level, gt, valid, topk, anchors_per_location)[0]
+
+
+# ---------------------------------------------------------------------------- TOPK
+def topk_assign_batched(anchors: Tensor, gt_boxes: Tensor, gt_valid: Tensor | None = None, topk: int = 9,
+                        in_gt_box: bool = True) -> Tensor:
+    """The official code's ``POSITIVE_TYPE='TOPK'`` for a padded batch -> int64[B, N] (GT index or -1).
+
+    anchors float[N, 4]; gt_boxes float[B, G, 4]; gt_valid bool[B, G] (None: all valid).
+    Per GT, the ``min(topk, N)`` anchors of all levels together with the largest
+    ``IoU - d / d_max / 1000`` are candidates, where ``d`` is the anchor-centre to GT-centre
+    distance and ``d_max`` the largest such distance in the image (a tie-break towards closer
+    anchors that never outweighs an IoU difference above 0.001). Positives: candidates whose centre
+    lies inside the GT by more than 0.01 px (``in_gt_box``; off keeps every candidate). An anchor
+    claimed by several GTs goes to the one with the largest IoU (lower index on ties). Equal scores
+    go to the lower anchor index. Builds float[M, N] IoU and distance matrices (M = real GTs).
+    """
+    valid = _check_batch(anchors, gt_boxes, gt_valid)
+    b, g = gt_boxes.shape[:2]
+    n = anchors.shape[0]
+    img, gt = valid.nonzero(as_tuple=True)
+    if img.numel() == 0 or n == 0:
+        return torch.full((b, n), BACKGROUND, dtype=torch.long, device=anchors.device)
+    boxes = gt_boxes[img, gt].to(anchors.dtype)  # [M, 4]
+    ious = pairwise_iou(anchors[None, :, :], boxes[:, None, :])  # [M, N]
+    dist = (box_centers(anchors)[None, :, :] - box_centers(boxes)[:, None, :]).square().sum(-1).sqrt()
+    d_max = torch.zeros(b, dtype=dist.dtype, device=dist.device)
+    d_max.scatter_reduce_(0, img, dist.amax(dim=1), reduce="amax")
+    score = ious - dist / d_max[img, None] / 1000
+    cand = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :min(topk, n)]  # [M, K]
+    cand_ious = ious.gather(1, cand)
+    pos = torch.ones_like(cand, dtype=torch.bool)
+    if in_gt_box:
+        pos = centers_inside(box_centers(anchors[cand]), boxes[:, None, :])
+    return _resolve_claims(img, gt, cand, cand_ious, pos, b, n, g)
+
+
+def topk_assign(anchors: Tensor, gt_boxes: Tensor, topk: int = 9, in_gt_box: bool = True) -> Tensor:
+    """One image of :func:`topk_assign_batched`: anchors float[N, 4], gt_boxes float[G, 4] -> int64[N]."""
+    gt, valid = _as_batch(gt_boxes)
+    return topk_assign_batched(anchors, gt, valid, topk, in_gt_box)[0]
 
 
 # ---------------------------------------------------------------------------- RetinaNet
@@ -396,3 +451,77 @@ def crowd_ignore_mask(anchors: Tensor, crowd_boxes: Tensor, crowd_valid: Tensor 
     ih = (torch.minimum(a[..., 3], c[..., 3]) - torch.maximum(a[..., 1], c[..., 1])).clamp(min=0)
     area = ((anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1]))[None, :, None]
     return ((iw * ih / area > iof_thr) & valid[:, None, :]).any(dim=2)
+
+
+# ---------------------------------------------------------------------------- assigner objects
+class ATSSAssigner:
+    """ATSS (:func:`atss_assign_batched`) with its settings bound once.
+
+    ``__call__(anchors: AnchorSet, gt_boxes float[B, G, 4], gt_valid bool[B, G]) -> int64[B, N]``.
+    """
+
+    def __init__(self, *, topk: int = 9, anchors_per_location: int = 1, in_gt_box: bool = True,
+                 center_margin: float = CENTER_MARGIN) -> None:
+        self.topk, self.anchors_per_location = topk, anchors_per_location
+        self.in_gt_box, self.center_margin = in_gt_box, center_margin
+
+    def __call__(self, anchors: AnchorSet, gt_boxes: Tensor, gt_valid: Tensor) -> Tensor:
+        return atss_assign_batched(anchors.anchors, anchors.num_per_level, gt_boxes, gt_valid, topk=self.topk,
+                                   anchors_per_location=self.anchors_per_location, in_gt_box=self.in_gt_box,
+                                   center_margin=self.center_margin)
+
+
+class TopkAssigner:
+    """The official ``TOPK`` positive definition (:func:`topk_assign_batched`), settings bound once."""
+
+    def __init__(self, *, topk: int = 9, in_gt_box: bool = True) -> None:
+        self.topk, self.in_gt_box = topk, in_gt_box
+
+    def __call__(self, anchors: AnchorSet, gt_boxes: Tensor, gt_valid: Tensor) -> Tensor:
+        return topk_assign_batched(anchors.anchors, gt_boxes, gt_valid, topk=self.topk, in_gt_box=self.in_gt_box)
+
+
+class MaxIoUAssigner:
+    """RetinaNet's matcher (:func:`max_iou_assign_batched`), settings bound once."""
+
+    def __init__(self, *, pos_thr: float = 0.5, neg_thr: float = 0.4, low_quality_matches: bool = True,
+                 in_gt_box: bool = False) -> None:
+        self.pos_thr, self.neg_thr = pos_thr, neg_thr
+        self.low_quality_matches, self.in_gt_box = low_quality_matches, in_gt_box
+
+    def __call__(self, anchors: AnchorSet, gt_boxes: Tensor, gt_valid: Tensor) -> Tensor:
+        return max_iou_assign_batched(anchors.anchors, gt_boxes, gt_valid, pos_thr=self.pos_thr,
+                                      neg_thr=self.neg_thr, low_quality_matches=self.low_quality_matches,
+                                      in_gt_box=self.in_gt_box)
+
+
+class SpatialScaleAssigner:
+    """FCOS's spatial and scale constraint (:func:`spatial_scale_assign_batched`), settings bound once."""
+
+    def __init__(self, *, size_bounds: Sequence[float] = (64.0, 128.0, 256.0, 512.0),
+                 center_sampling: bool = False, center_sampling_radius: float = 1.5) -> None:
+        self.size_bounds = tuple(size_bounds)
+        self.center_sampling, self.center_sampling_radius = center_sampling, center_sampling_radius
+
+    def __call__(self, anchors: AnchorSet, gt_boxes: Tensor, gt_valid: Tensor) -> Tensor:
+        return spatial_scale_assign_batched(anchors.centers, anchors.strides, anchors.levels, gt_boxes, gt_valid,
+                                            size_bounds=self.size_bounds, center_sampling=self.center_sampling,
+                                            center_sampling_radius=self.center_sampling_radius)
+
+
+Assigner = ATSSAssigner | TopkAssigner | MaxIoUAssigner | SpatialScaleAssigner
+
+
+def build_assigner(cfg: DetectorConfig) -> Assigner:
+    """The assigner ``cfg.assigner`` names, built once with its fields as keyword arguments."""
+    if cfg.assigner == "atss":
+        return ATSSAssigner(topk=cfg.topk, anchors_per_location=cfg.anchors_per_location, in_gt_box=cfg.in_gt_box)
+    if cfg.assigner == "topk":
+        return TopkAssigner(topk=cfg.topk, in_gt_box=cfg.in_gt_box)
+    if cfg.assigner == "max_iou":
+        return MaxIoUAssigner(pos_thr=cfg.iou_pos_thr, neg_thr=cfg.iou_neg_thr,
+                              low_quality_matches=cfg.low_quality_matches, in_gt_box=cfg.in_gt_box)
+    if cfg.assigner == "spatial_scale":
+        return SpatialScaleAssigner(size_bounds=cfg.fcos_size_bounds, center_sampling=cfg.center_sampling,
+                                    center_sampling_radius=cfg.center_sampling_radius)
+    raise ValueError(f"DetectorConfig.assigner={cfg.assigner!r} has no assigner; choose one of {ASSIGNERS}")

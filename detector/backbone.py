@@ -6,7 +6,9 @@ P6 = 3x3/2 conv on P5, P7 = 3x3/2 conv on ReLU(P6), kaiming_uniform(a=1) init (s
 """
 from __future__ import annotations
 
+import math
 import os
+
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -26,8 +28,11 @@ _BODY_CHANNELS = {
 class ModulatedDeformConv2d(nn.Module):
     """DCNv2 with one deformable group (``torchvision.ops.deform_conv2d`` with a mask).
 
-    A regular conv predicts ``2*k*k`` offsets and ``k*k`` mask logits; it starts at zero, so offsets
-    start at 0 and masks at ``sigmoid(0) = 0.5``, as in the official DCNv2 layers.
+    A regular conv (``offset_mask``) predicts ``2*k*k`` offsets and ``k*k`` mask logits. The
+    initialisation is the official code's (``DFConv2d`` around ``ModulatedDeformConv``): the
+    deformable weights ~ U(+-1/sqrt(in_channels * k * k)), bias 0; the offset conv
+    kaiming_uniform(a=1), bias 0, so offsets start small but non-zero and masks near
+    ``sigmoid(0) = 0.5``. The head re-initialises its offset convs (see :mod:`detector.head`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
@@ -37,10 +42,11 @@ class ModulatedDeformConv2d(nn.Module):
         self.kernel_size = kernel_size
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        nn.init.kaiming_uniform_(self.weight, a=1)
+        bound = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)  # official: in_channels, not per group
+        nn.init.uniform_(self.weight, -bound, bound)
         taps = kernel_size * kernel_size
         self.offset_mask = nn.Conv2d(in_channels, 3 * taps, kernel_size, stride, padding, dilation, bias=True)
-        nn.init.zeros_(self.offset_mask.weight)
+        nn.init.kaiming_uniform_(self.offset_mask.weight, a=1)
         nn.init.zeros_(self.offset_mask.bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -52,7 +58,8 @@ class ModulatedDeformConv2d(nn.Module):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> "ModulatedDeformConv2d":
-        """A DCN with ``conv``'s shape and weights (so pretrained weights still load into it)."""
+        """A DCN with ``conv``'s shape, stride and weights (so pretrained weights still load into it);
+        its offset conv is initialised as in the official backbone (kaiming_uniform(a=1))."""
         m = cls(conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.padding[0],
                 conv.dilation[0], conv.groups, conv.bias is not None)
         with torch.no_grad():

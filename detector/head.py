@@ -48,12 +48,19 @@ class ATSSHead(nn.Module):
     float[B, A*C, H_l, W_l], float[B, A*4, H_l, W_l] and float[B, A, H_l, W_l] (``ctr`` is None when
     ``centerness=False``). ``reg`` holds deltas (``box``) or stride-normalised distances (``point``,
     non-negative).
+
+    Keyword arguments (as the :class:`~detector.config.DetectorConfig` fields of the same meaning):
+    ``in_channels`` (F, the FPN width), ``num_classes`` (C), ``anchors_per_location`` (A),
+    ``channels`` and ``num_convs`` (tower width and depth), ``group_norm`` / ``gn_groups``,
+    ``scalar`` (per-level learnable scale), ``centerness``, ``regression`` (``"box"`` or
+    ``"point"``), ``dcn_in_tower`` (last tower conv deformable), ``prior_prob`` (classifier bias
+    init) and ``num_levels`` (number of per-level scalars).
     """
 
-    def __init__(self, in_channels: int, num_classes: int, anchors_per_location: int, channels: int = 256,
-                 num_convs: int = 4, group_norm: bool = True, gn_groups: int = 32, scalar: bool = True,
-                 centerness: bool = True, regression: str = "box", dcn_in_tower: bool = False,
-                 prior_prob: float = 0.01, num_levels: int = 5) -> None:
+    def __init__(self, *, in_channels: int, num_classes: int, anchors_per_location: int = 1,
+                 channels: int = 256, num_convs: int = 4, group_norm: bool = True, gn_groups: int = 32,
+                 scalar: bool = True, centerness: bool = True, regression: str = "box",
+                 dcn_in_tower: bool = False, prior_prob: float = 0.01, num_levels: int = 5) -> None:
         super().__init__()
         a = anchors_per_location
         self.num_classes = num_classes
@@ -66,15 +73,13 @@ class ATSSHead(nn.Module):
         self.centerness = nn.Conv2d(c, a, 3, padding=1) if centerness else None
         self.scales = nn.ModuleList(Scale() for _ in range(num_levels)) if scalar else None
 
+        # As the official head: every nn.Conv2d ~ N(0, 0.01), bias 0. That includes the DCN's offset
+        # conv (the official DFConv2d's offset is an nn.Conv2d) but not the deformable weights,
+        # which keep their U(+-1/sqrt(fan_in)) from ModulatedDeformConv2d.
         for m in self.modules():
-            if isinstance(m, (nn.Conv2d, ModulatedDeformConv2d)):
+            if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
                 nn.init.zeros_(m.bias)
-        # DCN offsets/masks start at zero (after the loop, which also visits their conv).
-        for m in self.modules():
-            if isinstance(m, ModulatedDeformConv2d):
-                nn.init.zeros_(m.offset_mask.weight)
-                nn.init.zeros_(m.offset_mask.bias)
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
         if regression == "point":
             nn.init.constant_(self.bbox_pred.bias, 4.0)

@@ -1,25 +1,16 @@
 """ATSS assignment on hand-built cases, and the batched/windowed paths against the loop reference."""
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from reference_assigners import reference_atss_assign
 
 from detector.anchors import AnchorGenerator
 from detector.assigners import atss_assign, atss_assign_batched, atss_candidates, box_centers
 
 STRIDES = (8, 16, 32, 64, 128)
-_BENCH = Path(__file__).resolve().parents[1] / "bench" / "assigner.py"
-
-
-def _reference():
-    spec = importlib.util.spec_from_file_location("bench_assigner", _BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.reference_atss_assign
 
 
 def _anchors(h, w, scales_per_octave=1, ratios=(1.0,), scale=8.0):
@@ -65,7 +56,7 @@ def test_gt_touching_the_image_border(box):
     assert pos.numel() > 0 and (result[result != 0] == -1).all()
     centres = box_centers(anchor_set.anchors[pos])
     assert ((centres > gt[0, :2] + 0.01) & (centres < gt[0, 2:] - 0.01)).all()
-    assert torch.equal(result, _reference()(anchor_set.anchors, anchor_set.num_per_level, gt))
+    assert torch.equal(result, reference_atss_assign(anchor_set.anchors, anchor_set.num_per_level, gt))
 
 
 def test_anchor_claimed_by_two_gts_goes_to_the_larger_iou():
@@ -100,7 +91,7 @@ def test_nine_anchors_per_location():
     per_loc = torch.bincount(cand[:, :81].flatten() // 9)
     assert set(per_loc[per_loc > 0].tolist()) == {9}
     result = atss_assign(anchors, counts, gts, topk=9, anchors_per_location=9)
-    assert torch.equal(result, _reference()(anchors, counts, gts, 9, 9))
+    assert torch.equal(result, reference_atss_assign(anchors, counts, gts, 9, 9))
     assert set(result[result >= 0].tolist()) == {0, 1, 2}
     # With anchors_per_location=1 fewer candidates are taken: the assignment differs (spec 7.3).
     assert not torch.equal(result, atss_assign(anchors, counts, gts, topk=9, anchors_per_location=1))
@@ -135,7 +126,7 @@ def test_batched_path_equals_per_image_and_reference(per_location):
         valid[i, : b.shape[0]] = True
         padded[i, b.shape[0]:] = torch.tensor([0.0, 0, 50, 50])  # padding rows must be ignored
     batched = atss_assign_batched(anchors, counts, padded, valid, topk=9, anchors_per_location=per_location)
-    reference = _reference()
+    reference = reference_atss_assign
     for i, b in enumerate(per_image):
         single = atss_assign(anchors, counts, b, topk=9, anchors_per_location=per_location)
         assert torch.equal(batched[i], single)
@@ -164,7 +155,7 @@ def test_non_grid_anchors_use_the_exhaustive_search():
     anchors = torch.cat([anchors, anchors + 10 + torch.rand(300, 2, generator=gen) * 60], 1)
     gts = _random_boxes(gen, 12, 200, 200)
     result = atss_assign(anchors, [200, 100], gts, topk=9)
-    assert torch.equal(result, _reference()(anchors, [200, 100], gts, 9, 1))
+    assert torch.equal(result, reference_atss_assign(anchors, [200, 100], gts, 9, 1))
 
 
 def test_bad_shapes_are_clear_errors():
