@@ -3,24 +3,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from collections.abc import Mapping
+from typing import Any, ClassVar, Optional
+
+from detector.fields import FieldError, Rule, check_fields, check_keys
+from pipeline.synthetic import CATEGORIES
 
 __all__ = ["DataConfig"]
 
 _SOURCE_HELP = "'synthetic', 'coco:/path/to/root', or 'files' with train_ann/train_images/val_ann/val_images"
-
-
-def _as_size(name: str, v) -> int | tuple[int, int]:
-    if isinstance(v, (list, tuple)):
-        if len(v) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
-            raise ValueError(f"DataConfig.{name} must be an int or a (lo, hi) pair of ints, got {v!r}")
-        lo, hi = int(v[0]), int(v[1])
-        if not 0 < lo <= hi:
-            raise ValueError(f"DataConfig.{name} range must satisfy 0 < lo <= hi, got {v!r}")
-        return (lo, hi)
-    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-        raise ValueError(f"DataConfig.{name} must be a positive int or a (lo, hi) pair, got {v!r}")
-    return v
 
 
 @dataclass
@@ -54,6 +45,7 @@ class DataConfig:
     size_divisible: int = 32
     aspect_ratio_grouping: bool = True
     num_workers: int = 2
+    gpu_decode: bool = False  # JPEGs decoded in batches by nvJPEG when the batch moves to the GPU
     min_box_size: float = 1.0  # boxes narrower or shorter than this (after clipping) are dropped
     max_bad_fraction: float = 0.1  # unreadable images tolerated (skipped) before a dataset gives up
     cache_dir: Optional[str] = None  # synthetic cache; default $ATSS_RAY_CACHE or ~/.cache/atss_ray
@@ -63,36 +55,37 @@ class DataConfig:
     synthetic_num_classes: int = 5
     synthetic_seed: int = 0
 
+    # What each field allows beyond its annotated type (detector.fields checks both).
+    RULES: ClassVar[Mapping[str, Rule]] = {
+        "source": Rule(allowed=_SOURCE_HELP),
+        "train_min_size": Rule(gt=0),
+        "max_size": Rule(gt=0),
+        "test_min_size": Rule(gt=0),
+        "flip_prob": Rule(ge=0, le=1),
+        "size_divisible": Rule(ge=1),
+        "num_workers": Rule(ge=0),
+        "min_box_size": Rule(ge=0),
+        "max_bad_fraction": Rule(ge=0, le=1),
+        "synthetic_train_images": Rule(ge=1),
+        "synthetic_val_images": Rule(ge=1),
+        "synthetic_image_size": Rule(ge=32),
+        "synthetic_num_classes": Rule(ge=1, le=len(CATEGORIES)),
+        "synthetic_seed": Rule(ge=0),
+    }
+
     def __post_init__(self) -> None:
-        if not isinstance(self.source, str) or not (
-                self.source in ("synthetic", "files") or self.source.startswith("coco:")):
-            raise ValueError(f"DataConfig.source must be {_SOURCE_HELP}; got {self.source!r}")
-        if self.source.startswith("coco:") and not self.source[5:]:
-            raise ValueError("DataConfig.source 'coco:' needs a root directory, e.g. 'coco:/data/coco'")
-        self.train_min_size = _as_size("train_min_size", self.train_min_size)
-        self.test_min_size = _as_size("test_min_size", self.test_min_size)
-        if isinstance(self.test_min_size, tuple):
-            raise ValueError("DataConfig.test_min_size must be a single int")
-        if not isinstance(self.max_size, int) or self.max_size <= 0:
-            raise ValueError(f"DataConfig.max_size must be a positive int, got {self.max_size!r}")
-        if not 0.0 <= float(self.flip_prob) <= 1.0:
-            raise ValueError(f"DataConfig.flip_prob must lie in [0, 1], got {self.flip_prob!r}")
-        if not isinstance(self.size_divisible, int) or self.size_divisible <= 0:
-            raise ValueError(f"DataConfig.size_divisible must be a positive int, got {self.size_divisible!r}")
-        if not isinstance(self.num_workers, int) or self.num_workers < 0:
-            raise ValueError(f"DataConfig.num_workers must be an int >= 0, got {self.num_workers!r}")
-        if not float(self.min_box_size) >= 0:
-            raise ValueError(f"DataConfig.min_box_size must be >= 0, got {self.min_box_size!r}")
-        if not 0.0 <= float(self.max_bad_fraction) <= 1.0:
-            raise ValueError(f"DataConfig.max_bad_fraction must lie in [0, 1], got {self.max_bad_fraction!r}")
-        for name in ("synthetic_train_images", "synthetic_val_images", "synthetic_num_classes"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"DataConfig.{name} must be a positive int, got {v!r}")
-        size = _as_size("synthetic_image_size", self.synthetic_image_size)
-        self.synthetic_image_size = size if isinstance(size, tuple) else (size, size)
-        if self.synthetic_image_size[0] < 32:
-            raise ValueError(f"DataConfig.synthetic_image_size must be >= 32 px, got {self.synthetic_image_size}")
+        if isinstance(self.synthetic_image_size, int) and not isinstance(self.synthetic_image_size, bool):
+            self.synthetic_image_size = (self.synthetic_image_size, self.synthetic_image_size)  # square images
+        check_fields(self)
+        if not (self.source in ("synthetic", "files") or self.source.startswith("coco:")):
+            raise FieldError("DataConfig", "source", self.source, _SOURCE_HELP)
+        if self.source == "coco:":
+            raise FieldError("DataConfig", "source", self.source, "'coco:' followed by a root directory, "
+                             "e.g. 'coco:/data/coco'")
+        for name in ("train_min_size", "synthetic_image_size"):
+            size = getattr(self, name)
+            if isinstance(size, tuple) and not size[0] <= size[1]:
+                raise FieldError("DataConfig", name, size, "an int or an inclusive (lo, hi) range with lo <= hi")
         explicit = [k for k in ("train_ann", "val_ann", "test_ann") if getattr(self, k)]
         if self.source == "files" and not explicit:
             raise ValueError("DataConfig.source 'files' needs at least one of train_ann / val_ann / test_ann")
@@ -107,10 +100,13 @@ class DataConfig:
         base = dict(source="synthetic", train_min_size=160, test_min_size=160, max_size=256,
                     synthetic_image_size=(128, 192), synthetic_train_images=300,
                     synthetic_val_images=50, num_workers=0)
+        check_keys(cls, overrides)
         base.update(overrides)
         return cls(**base)
 
     def replace(self, **changes) -> "DataConfig":
+        """A copy with ``changes`` applied and validated; unknown names raise ``FieldError``."""
+        check_keys(type(self), changes)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,8 +115,5 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DataConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"DataConfig: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        check_keys(cls, d)
         return cls(**d)
