@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.train import TrainConfig, run_training  # noqa: E402
+from pipeline.verdict import Claim, Ordering, judge  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
 from train_step import THREADS_HELP, machine_info  # noqa: E402
@@ -107,7 +108,7 @@ def summarise(runs: list[dict], models: list[str]) -> list[dict]:
 
 
 def ordering_verdict(rows: list[dict]) -> str:
-    """Whether ATSS > FCOS > RetinaNet (#A=1) holds, from paired per-seed AP differences.
+    """Whether ATSS > FCOS > RetinaNet (#A=1) holds, paired by seed (``pipeline.verdict``).
 
     The models of one seed share initial weights (where the shapes match), data order and data,
     so differences within a seed are far less noisy than the spread of one model over seeds.
@@ -116,25 +117,10 @@ def ordering_verdict(rows: list[dict]) -> str:
     have = [m for m in PAPER_ORDER if m in by]
     if len(have) < 2:
         return "paper ordering: needs at least two of " + ", ".join(PAPER_ORDER)
-    pairs, every_seed, on_mean = [], True, True
-    for a, b in zip(have, have[1:]):
-        diffs = [100 * (x - y) for x, y in zip(by[a]["AP_per_seed"], by[b]["AP_per_seed"])]
-        wins = sum(d > 0 for d in diffs)
-        every_seed &= wins == len(diffs)
-        on_mean &= statistics.mean(diffs) > 0
-        text = f"{MODELS[a][2]} > {MODELS[b][2]}: {statistics.mean(diffs):+.1f} AP"
-        if len(diffs) > 1:
-            text += (f" (paired over seeds, sd {statistics.stdev(diffs):.1f}; per seed "
-                     + ", ".join(f"{d:+.1f}" for d in diffs) + f"; in {wins}/{len(diffs)} seeds)")
-        pairs.append(text)
-    if every_seed:
-        state = "HOLDS" + (" in every seed" if len(by[have[0]]["AP_per_seed"]) > 1 else "")
-    elif on_mean:
-        # Ahead on the mean but behind in some seed: the seeds do not settle it.
-        state = "holds on the mean only, not in every seed (within noise)"
-    else:
-        state = "does NOT hold"
-    return "paper ordering " + state + ": " + "; ".join(pairs)
+    claim = Claim("3", "paper ordering", Ordering(tuple((MODELS[a][2], MODELS[b][2]) for a, b in zip(have, have[1:]))))
+    seeds = by[have[0]].get("seeds") or range(len(by[have[0]]["AP_per_seed"]))
+    ap_by_seed = {s: {MODELS[m][2]: 100 * by[m]["AP_per_seed"][i] for m in have} for i, s in enumerate(seeds)}
+    return judge(claim, ap_by_seed).text()
 
 
 def format_table(rows: list[dict], setup: dict) -> str:

@@ -94,13 +94,15 @@ def test_ordering_verdict():
     def row(m, *aps):
         return {"model": m, "AP_per_seed": list(aps)}
 
-    assert "HOLDS" in accuracy.ordering_verdict([row("retinanet_a1", 0.30), row("atss", 0.35), row("fcos", 0.32)])
+    # one seed: nothing to pair, so it cannot tell, but it says what that seed showed
+    verdict = accuracy.ordering_verdict([row("retinanet_a1", 0.30), row("atss", 0.35), row("fcos", 0.32)])
+    assert "cannot tell with one seed" in verdict and "it holds" in verdict
     verdict = accuracy.ordering_verdict([row("retinanet_a1", 0.33), row("atss", 0.35), row("fcos", 0.32)])
-    assert "does NOT hold" in verdict and "-1.0 AP" in verdict
+    assert "cannot tell with one seed" in verdict and "it does not" in verdict and "-1.0 AP" in verdict
     # paired per seed: seed 1 is hard for everyone, but ATSS wins both seeds
     verdict = accuracy.ordering_verdict([row("atss", 0.30, 0.10), row("fcos", 0.28, 0.05)])
-    assert "HOLDS" in verdict and "in 2/2 seeds" in verdict
+    assert "holds in every seed" in verdict and "in 2/2 seeds" in verdict
     verdict = accuracy.ordering_verdict([row("atss", 0.30, 0.04), row("fcos", 0.28, 0.05)])
     assert "holds on the mean only" in verdict and "in 1/2 seeds" in verdict
-    assert "does NOT hold" in accuracy.ordering_verdict([row("atss", 0.30, 0.02), row("fcos", 0.28, 0.05)])
+    assert "does not hold" in accuracy.ordering_verdict([row("atss", 0.30, 0.02), row("fcos", 0.28, 0.05)])
     assert "needs at least two" in accuracy.ordering_verdict([row("atss", 0.3)])
