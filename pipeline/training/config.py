@@ -21,11 +21,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 from detector.config import PRESETS, DetectorConfig, get_preset
+from detector.fields import FieldError, Rule, check_fields, check_value
 from pipeline.data import CategoryMap, DataConfig, read_index
 from pipeline.data.loader import resolve_split, synthetic_spec
+from pipeline.evaluation import BACKENDS
 from pipeline.optim import REFERENCE_BATCH_SIZE, Schedule, resolve_schedule
 from pipeline.tracking import DEFAULT_EXPERIMENT, TrackingConfig
 
@@ -95,43 +97,41 @@ class TrainConfig:
     register_model: Optional[str] = None
     fail_at_iteration: Optional[int] = None
 
+    # What each field allows beyond its annotated type (detector.fields checks both; nested configs
+    # are checked by their own classes).
+    RULES: ClassVar[Mapping[str, Rule]] = {
+        "batch_size": Rule(ge=1),
+        "preset": Rule(choices=tuple(PRESETS)),
+        "momentum": Rule(ge=0, lt=1),
+        "weight_decay": Rule(ge=0),
+        "bias_lr_factor": Rule(ge=0),
+        "bias_weight_decay": Rule(ge=0),
+        "max_grad_norm": Rule(gt=0),
+        "amp": Rule(choices=AMP_MODES),
+        "seed": Rule(ge=0),
+        "torch_threads": Rule(ge=1),
+        "log_period": Rule(ge=0),
+        "checkpoint_period": Rule(ge=0),
+        "checkpoints_to_keep": Rule(ge=1),
+        "eval_period": Rule(ge=0),
+        "eval_batch_size": Rule(ge=1),
+        "eval_backend": Rule(choices=(None, *BACKENDS)),
+        "report_period": Rule(ge=0),
+        "fail_at_iteration": Rule(ge=0),
+    }
+
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Every field check, in one place; raises ``ValueError`` naming the field, value and what is allowed."""
-        for name, kind in (("detector", DetectorConfig), ("data", DataConfig), ("schedule", Schedule)):
-            if not isinstance(getattr(self, name), kind):
-                raise ValueError(f"TrainConfig.{name} must be a {kind.__name__}, got "
-                                 f"{type(getattr(self, name)).__name__}")
-        if self.mlflow is not None and not isinstance(self.mlflow, TrackingConfig):
-            raise ValueError(f"TrainConfig.mlflow must be a TrackingConfig or None, got {type(self.mlflow).__name__}")
-        if self.preset not in PRESETS:
-            raise ValueError(f"TrainConfig.preset: unknown detector preset {self.preset!r}; "
-                             f"choose one of {sorted(PRESETS)}")
-        for name in ("batch_size", "eval_batch_size", "checkpoints_to_keep"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {v!r}")
+        check_fields(self)
         if self.schedule.batch_size != self.batch_size:
             raise ValueError(f"TrainConfig.schedule was resolved for batch {self.schedule.batch_size}, "
                              f"but batch_size is {self.batch_size}; build it with build_train_config")
-        for name in ("log_period", "checkpoint_period", "eval_period", "report_period"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"TrainConfig.{name} must be an int >= 0 (0 disables), got {v!r}")
-        if self.amp not in AMP_MODES:
-            raise ValueError(f"TrainConfig.amp must be one of {list(AMP_MODES)} (None: fp32), got {self.amp!r}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"TrainConfig.max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
-        if self.torch_threads is not None and self.torch_threads < 1:
-            raise ValueError(f"TrainConfig.torch_threads must be >= 1 or None, got {self.torch_threads}")
-        if self.fail_at_iteration is not None and self.fail_at_iteration < 0:
-            raise ValueError(f"TrainConfig.fail_at_iteration must be >= 0, got {self.fail_at_iteration}")
-        if not isinstance(self.storage_path, str) or not ("://" in self.storage_path
-                                                          or os.path.isabs(self.storage_path)):
+        if not ("://" in self.storage_path or os.path.isabs(self.storage_path)):
             raise ValueError(f"TrainConfig.storage_path must be an absolute path or a URI, got {self.storage_path!r}")
-        if not isinstance(self.run_name, str) or not _RUN_NAME.fullmatch(self.run_name):
+        if not _RUN_NAME.fullmatch(self.run_name):
             raise ValueError(f"TrainConfig.run_name {self.run_name!r}: use letters, digits and _ . = - "
                              "(it becomes a directory name)")
 
@@ -266,6 +266,8 @@ def _data_config(preset: str, data: DataConfig | Mapping[str, Any] | None) -> Da
         raise ValueError(f"TrainConfig.data: unknown key(s) {unknown}; known keys: {sorted(names)}")
     try:
         return base.replace(**data)
+    except FieldError as e:
+        raise e.within("TrainConfig.data") from None
     except (TypeError, ValueError) as e:
         raise ValueError(f"TrainConfig.data: {e}") from None
 
@@ -277,11 +279,13 @@ def _detector_config(preset: str, detector: DetectorConfig | Mapping[str, Any] |
         return detector.replace(num_classes=n)
     overrides = dict(detector or {})
     given = overrides.get("num_classes")
-    if given is not None and int(given) != n:
+    if given is not None and check_value(DetectorConfig, "num_classes", given) != n:
         raise ValueError(f"detector num_classes={given} but the training data has {n} categories; "
                          "drop the override or use matching data")
     try:
         return get_preset(preset, **{**overrides, "num_classes": n})
+    except FieldError as e:
+        raise e.within("TrainConfig.detector") from None
     except (TypeError, ValueError) as e:
         raise ValueError(f"TrainConfig.detector: {e}") from None
 
