@@ -11,14 +11,20 @@
 Without ``--data`` / ``--annotations`` the checkpoint's own data config is used (what it was
 trained on, e.g. the synthetic set). ``--tta`` runs the paper's multi-scale + flip testing
 (``pipeline.tta``), with all sizes scaled to the data config's test size (exactly the paper's at
-800); ``--tta-config`` gives the settings explicitly. ``--json`` prints the metrics as one JSON
-object (keys AP, AP50, AP75, APs, APm, APl) on the last line.
+800); ``--tta-config`` gives the settings explicitly (``"merge"``: ``soft-vote``, the paper's,
+``vote`` or ``nms``, the official merges). Inference and scoring always run in fp32. ``--json``
+prints the metrics as one JSON object (keys AP, AP50, AP75, APs, APm, APl) on the last line.
+
+A results file (``--results``, or the detections of a checkpoint) follows the rules of a test-dev
+submission (``pipeline.evaluation.results_problems``): exact keys, integer ids of the ground truth,
+scores that are numbers in [0, 1], boxes with positive size inside their image; a bad file is
+refused naming each detection and field. Ground truth may be an instances json or a
+``.parquet``/``.arrow`` index (``jobs/build_index.py``); it needs at least one annotation.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,103 +32,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.evaluation import METRIC_KEYS, evaluate_coco  # noqa: E402
-
-
-def add_model_arguments(ap: argparse.ArgumentParser) -> None:
-    """Options shared with jobs/testdev.py: how to run the model."""
-    ap.add_argument("--checkpoint", help="checkpoint directory, its state.pt, or an MLflow model URI "
-                                         "(runs:/<run id>/model, models:/<name>/<version>)")
-    ap.add_argument("--workers", type=int, default=0,
-                    help="Ray tasks to shard the images over (0: in this process, no Ray)")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    ap.add_argument("--batch-size", type=int, default=2, help="images per forward pass")
-    ap.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
-    ap.add_argument("--test-min-size", type=int, default=None,
-                    help="shorter side at test time (default: the data config's, paper 800)")
-    ap.add_argument("--max-size", type=int, default=None, help="longer-side cap (default: paper 1333)")
-    ap.add_argument("--tta", action="store_true", help="multi-scale + flip testing (ATSS.md section 4)")
-    ap.add_argument("--tta-config", default=None,
-                    help="TTAConfig as JSON or a JSON file (implies --tta), e.g. "
-                         "'{\"scales\": [400, 1200], \"scale_ranges\": [[96, null], [0, 256]]}'")
-    ap.add_argument("--max-dets", type=int, default=100,
-                    help="detections kept per image (the COCO server's limit; TTA yields up to 1000)")
-    ap.add_argument("--mlflow-uri", default=None,
-                    help="tracking URI for MLflow model URIs (and logging); default: "
-                         "MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db")
-
-
-def tracking_uri(args) -> str:
-    """The MLflow store of the command line: ``--mlflow-uri``, else ``MLFLOW_TRACKING_URI``, else
-    ``sqlite:///<cwd>/mlflow.db`` (absolute)."""
-    from pipeline import tracking
-
-    return tracking.absolute_tracking_uri(args.mlflow_uri) if args.mlflow_uri else tracking.default_tracking_uri()
-
-
-def load_checkpoint(args) -> dict:
-    """``load_model_state`` of ``--checkpoint``; ``runs:/`` and ``models:/`` URIs resolve in the
-    ``--mlflow-uri`` store (set as MLflow's default only while loading)."""
-    from pipeline.checkpoint import is_mlflow_uri
-    from pipeline.evaluation import load_model_state
-
-    if not is_mlflow_uri(args.checkpoint):
-        return load_model_state(args.checkpoint)
-    import mlflow
-
-    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    uri = tracking_uri(args)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        return load_model_state(args.checkpoint)
-    finally:
-        mlflow.set_tracking_uri(before[0])
-        mlflow.set_registry_uri(before[1])
-
-
-def tta_config(args, test_min_size: int, max_size: int):
-    """The TTA settings of the command line (None without --tta / --tta-config)."""
-    from pipeline.tta import TTAConfig
-
-    if args.tta_config:
-        text = args.tta_config
-        if os.path.isfile(text):
-            text = Path(text).read_text()
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"--tta-config is neither a JSON object nor a JSON file: {e}")
-        return TTAConfig.from_dict(d)
-    if args.tta:
-        return TTAConfig().scaled_to(test_min_size, max_size)
-    return None
-
-
-def resolve_device(name: str | None) -> str:
-    import torch
-
-    if name:
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise SystemExit(f"--device {name}: CUDA is not available on this machine")
-        return name
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def data_config_of(state: dict):
-    """The DataConfig the checkpoint was trained with (paper defaults when it does not say)."""
-    from pipeline.data import DataConfig
-
-    train_config = state.get("train_config") or {}
-    if train_config:
-        from pipeline.train import TrainConfig
-
-        try:
-            return TrainConfig.from_dict(train_config).data_config()
-        except (TypeError, ValueError) as e:
-            print(f"warning: cannot rebuild the checkpoint's data config ({e}); using the paper's",
-                  file=sys.stderr)
-    return DataConfig()
+from pipeline import inference_cli as cli  # noqa: E402
+from pipeline.evaluation import METRIC_KEYS, evaluate_coco, load_ground_truth, write_results_json  # noqa: E402
 
 
 def _print_metrics(metrics: dict, title: str) -> None:
@@ -138,9 +49,10 @@ def _print_metrics(metrics: dict, title: str) -> None:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__ + "\n" + cli.EXIT_CODES_EPILOG)
     ap.add_argument("--results", help="score this COCO results file (needs --annotations)")
-    ap.add_argument("--annotations", help="ground-truth instances json (or Parquet index)")
+    ap.add_argument("--annotations", help="ground-truth instances json (or .parquet/.arrow index)")
     ap.add_argument("--images", help="image folder of --annotations (checkpoint mode)")
     ap.add_argument("--data", help="data source: 'synthetic' or 'coco:/root' (default: the checkpoint's)")
     ap.add_argument("--split", default="val", choices=("train", "val"), help="split of --data")
@@ -148,7 +60,7 @@ def main(argv=None) -> dict:
                     help="COCO evaluator (default: faster-coco-eval; identical metrics, bench/eval.py)")
     ap.add_argument("--save-results", help="also write the COCO results json here (checkpoint mode)")
     ap.add_argument("--json", action="store_true", help="print the metrics as JSON on the last line")
-    add_model_arguments(ap)
+    cli.add_model_arguments(ap)
     args = ap.parse_args(argv)
 
     if bool(args.results) == bool(args.checkpoint):
@@ -170,11 +82,11 @@ def main(argv=None) -> dict:
 
 def _evaluate_checkpoint(args, ap) -> tuple[dict, str]:
     from pipeline.data import resolve_split
-    from pipeline.evaluation import InferenceSpec, predict_sharded, write_results_json
+    from pipeline.inference import predict_sharded
     from pipeline.submission import cap_per_image
 
-    state = load_checkpoint(args)
-    data_cfg = data_config_of(state)
+    state = cli.load_checkpoint(args.checkpoint, args.mlflow_uri)
+    data_cfg = cli.data_config_of(state)
     if args.data:
         data_cfg = data_cfg.replace(source=args.data)
     if args.annotations or args.images:
@@ -183,25 +95,16 @@ def _evaluate_checkpoint(args, ap) -> tuple[dict, str]:
         ann, images = args.annotations, args.images
     else:
         ann, images = resolve_split(data_cfg, args.split)
-    test_min = args.test_min_size or data_cfg.test_min_size
-    max_size = args.max_size or data_cfg.max_size
-    tta = tta_config(args, test_min, max_size)
-    spec = InferenceSpec(ann_file=str(ann), image_dir=str(images), test_min_size=test_min,
-                         max_size=max_size, batch_size=args.batch_size, device=resolve_device(args.device),
-                         amp=args.amp, tta=tta.to_dict() if tta else None, max_bad_fraction=0.0)
+    spec, tta = cli.inference_spec(args, data_cfg, ann, images)
+    gt = load_ground_truth(ann)  # a ground truth that cannot be scored fails before inference
     results = cap_per_image(predict_sharded(state, spec, args.workers), args.max_dets)
     if args.save_results:
         write_results_json(results, args.save_results)
-    metrics = evaluate_coco(ann, results, backend=args.backend)
-    mode = f"TTA ({len(tta.passes())} passes)" if tta else f"single scale {test_min}/{max_size}"
+    metrics = evaluate_coco(gt, results, backend=args.backend)
+    mode = f"TTA ({len(tta.passes())} passes) merged by {tta.merge}" if tta else \
+        f"single scale {spec.test_min_size}/{spec.max_size}"
     return metrics, f"{args.checkpoint} on {ann}, {mode}, {len(results)} detections"
 
 
 if __name__ == "__main__":
-    from pipeline.data import TooManyBadImagesError
-
-    try:
-        main()
-    except (FileNotFoundError, ValueError, TooManyBadImagesError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run_job(main)

@@ -16,7 +16,10 @@ the field, and nothing is written.
 Both files are logged as artifacts (``testdev/``) of the MLflow run that produced the checkpoint
 (the run of a ``runs:/`` or ``models:/`` URI, the run id recorded in a local checkpoint, or
 ``--run-id``); otherwise of a new run tagged with the checkpoint path. ``--no-mlflow`` skips this.
-Images are sharded over ``--workers`` Ray tasks; ``--workers 0`` runs in this process.
+Images are sharded over ``--workers`` Ray tasks; ``--workers 0`` runs in this process. Inference
+always runs in fp32. ``--validate`` holds a file to the same per-detection rules as
+``jobs/evaluate.py --results`` (``pipeline.evaluation.results_problems``), plus coverage of every
+image and the per-image cap.
 """
 from __future__ import annotations
 
@@ -28,11 +31,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "jobs"))
 
-from evaluate import (add_model_arguments, data_config_of, load_checkpoint, resolve_device,  # noqa: E402
-                      tta_config)
-from evaluate import tracking_uri as resolve_tracking_uri  # noqa: E402
+from pipeline import inference_cli as cli  # noqa: E402
 
 
 def source_run_id(checkpoint: str, state: dict, tracking_uri: str) -> str | None:
@@ -92,7 +92,8 @@ def main(argv=None) -> dict:
     from pipeline.submission import DEFAULT_MAX_PER_IMAGE
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__ + "\n" + cli.EXIT_CODES_EPILOG)
     ap.add_argument("--image-info", help="image-info json (image_info_test-dev2017.json)")
     ap.add_argument("--images", help="its image folder (test2017/)")
     ap.add_argument("--data", help="'coco:/root' instead of --image-info/--images "
@@ -106,8 +107,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--run-id", default=None, help="log into this MLflow run")
     ap.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     ap.add_argument("--json", action="store_true", help="print a JSON summary on the last line")
-    add_model_arguments(ap)
-    ap.set_defaults(max_dets=DEFAULT_MAX_PER_IMAGE)
+    cli.add_model_arguments(ap, max_dets=DEFAULT_MAX_PER_IMAGE)
     args = ap.parse_args(argv)
 
     if args.validate:
@@ -145,23 +145,19 @@ def _validate_only(args, ap) -> dict:
 
 def _run(args, ap) -> dict:
     from pipeline import tracking
-    from pipeline.evaluation import InferenceSpec, predict_sharded
+    from pipeline.inference import predict_sharded
     from pipeline.submission import cap_per_image, load_image_info, submission_filename, write_submission
 
     submission_filename(args.name)  # a bad name fails before any inference
     t0 = time.perf_counter()
-    state = load_checkpoint(args)
-    data_cfg = data_config_of(state)
+    uri = None if args.no_mlflow else cli.tracking_uri(args.mlflow_uri)
+    state = cli.load_checkpoint(args.checkpoint, args.mlflow_uri)
+    data_cfg = cli.data_config_of(state)
     info_path, images = _image_info(args, ap, data_cfg)
     if not images:
         ap.error("--image-info needs --images (the image folder)")
     info = load_image_info(info_path)
-    test_min = args.test_min_size or data_cfg.test_min_size
-    max_size = args.max_size or data_cfg.max_size
-    tta = tta_config(args, test_min, max_size)
-    spec = InferenceSpec(ann_file=str(info_path), image_dir=str(images), test_min_size=test_min,
-                         max_size=max_size, batch_size=args.batch_size, device=resolve_device(args.device),
-                         amp=args.amp, tta=tta.to_dict() if tta else None, max_bad_fraction=0.0)
+    spec, tta = cli.inference_spec(args, data_cfg, info_path, images)
     results = predict_sharded(state, spec, args.workers)
     results = cap_per_image(results, args.max_dets)
     t_infer = time.perf_counter() - t0
@@ -170,8 +166,7 @@ def _run(args, ap) -> dict:
     summary = {"json": str(json_path), "zip": str(zip_path), "images": len(info["images"]),
                "detections": len(results), "tta": bool(tta), "inference_s": round(t_infer, 2),
                "run_id": None}
-    if not args.no_mlflow:
-        uri = resolve_tracking_uri(args)
+    if uri is not None:
         summary["run_id"] = log_submission(
             (json_path, zip_path), args.checkpoint, state, uri, args.experiment or tracking.DEFAULT_EXPERIMENT,
             args.run_id, args.name, summary)
@@ -185,14 +180,4 @@ def _run(args, ap) -> dict:
 
 
 if __name__ == "__main__":
-    from pipeline.data import TooManyBadImagesError
-    from pipeline.submission import SubmissionError
-
-    try:
-        main()
-    except SubmissionError as e:
-        print(f"submission rejected: {e}", file=sys.stderr)
-        sys.exit(3)
-    except (FileNotFoundError, ValueError, TooManyBadImagesError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run_job(main)

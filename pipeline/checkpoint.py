@@ -144,16 +144,25 @@ def is_mlflow_uri(path: str | os.PathLike) -> bool:
 
 
 def _state_from_mlflow(uri: str, tracking_uri: str | None = None) -> dict:
+    """``state.pt`` of an MLflow model URI; ``runs:/`` and ``models:/`` resolve in ``tracking_uri``
+    (tracking and registry store; default MLflow's current one)."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
-    previous = mlflow.get_tracking_uri()
-    if tracking_uri:  # runs:/ resolution of a logged model reads the *current* tracking URI
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    if tracking_uri:  # runs:/ and models:/ resolution reads the *current* tracking/registry URIs
         mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+    store = tracking_uri or previous[0]
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri))
+    except (MlflowException, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"MLflow model {uri} not found in the tracking store {store}: {first}") from None
     finally:
         if tracking_uri:
-            mlflow.set_tracking_uri(previous)
+            mlflow.set_tracking_uri(previous[0])
+            mlflow.set_registry_uri(previous[1])
     candidates = [local / "extra_files" / STATE_FILE, local / STATE_FILE]
     for c in candidates:
         if c.is_file():
@@ -162,18 +171,48 @@ def _state_from_mlflow(uri: str, tracking_uri: str | None = None) -> dict:
                             "log models with pipeline.train so the detector config travels with them")
 
 
-def detector_from_state(state: dict, device: str | torch.device = "cpu"):
-    """Build the detector of ``state["detector_config"]`` and load its weights (strict)."""
+def read_checkpoint(source: str | os.PathLike, tracking_uri: str | None = None) -> dict:
+    """The checkpoint dict of a directory, ``state.pt`` or MLflow model URI (see module doc)."""
+    source = str(source)
+    return _state_from_mlflow(source, tracking_uri) if is_mlflow_uri(source) else load_state(source)
+
+
+def load_weights(model: torch.nn.Module, weights: dict, source: str = "checkpoint") -> None:
+    """``model.load_state_dict(weights)``, strictly: every key present on both sides with the same
+    shape. A mismatch (weights of another architecture, or a resume after changing the detector
+    config) raises a ``ValueError`` naming ``source`` and the first differing keys."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(weights)
+                    if tuple(expected[k].shape) != tuple(weights[k].shape))
+    if missing or unexpected or shapes:
+        def head(keys, describe=str):
+            return ", ".join(describe(k) for k in keys[:5]) + (f" ... ({len(keys)} in all)" if len(keys) > 5 else "")
+        parts = []
+        if missing:
+            parts.append(f"missing {head(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {head(unexpected)}")
+        if shapes:
+            parts.append("shape differs for " + head(
+                shapes, lambda k: f"{k} (checkpoint {tuple(weights[k].shape)}, model {tuple(expected[k].shape)})"))
+        raise ValueError(f"{source}: checkpoint weights do not match the detector config: " + "; ".join(parts))
+    model.load_state_dict(weights, strict=True)
+
+
+def detector_from_state(state: dict, device: str | torch.device = "cpu", source: str = "checkpoint"):
+    """Build the detector of ``state["detector_config"]`` and load its weights (strict, see
+    :func:`load_weights`). Returns ``(model in eval mode, DetectorConfig)``."""
     from detector import build_detector
     from detector.config import DetectorConfig
 
-    cfg = DetectorConfig.from_dict(state["detector_config"])
+    try:
+        cfg = DetectorConfig.from_dict(state["detector_config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: invalid detector_config: {e}") from None
     model = build_detector(cfg)
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint weights do not match the detector config: "
-                         f"missing {sorted(missing)[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unexpected {sorted(unexpected)[:5]}{'...' if len(unexpected) > 5 else ''}")
+    load_weights(model, state["model"], source)
     return model.to(device).eval(), cfg
 
 
@@ -193,8 +232,8 @@ def load_detector(path_or_uri: str | os.PathLike, device: str | torch.device = "
         in label order), ``iteration``, ``train_config`` and ``source``.
     """
     source = str(path_or_uri)
-    state = _state_from_mlflow(source, tracking_uri) if is_mlflow_uri(source) else load_state(path_or_uri)
-    model, cfg = detector_from_state(state, device)
+    state = read_checkpoint(source, tracking_uri)
+    model, cfg = detector_from_state(state, device, source)
     meta = {"categories": list(state.get("data", {}).get("categories", [])),
             "iteration": int(state.get("iteration", 0)),
             "train_config": dict(state.get("train_config", {})),

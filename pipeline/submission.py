@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 import os
 import re
 import zipfile
@@ -19,22 +18,15 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from pipeline.evaluation import load_json, write_results_json
+from pipeline.data.index import INDEX_SUFFIXES, read_index
+from pipeline.evaluation import ResultsError, load_json, results_problems, write_results_json
 
 DEFAULT_MAX_PER_IMAGE = 100  # the server scores the top 100 per image; it is also its upload limit
-BOX_TOLERANCE = 0.01  # px a box may pass the image border by (float32 rounding of clipped boxes)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_KEYS = ("image_id", "category_id", "bbox", "score")
 
 
-class SubmissionError(ValueError):
+class SubmissionError(ResultsError):
     """A results file the server would reject or misread; ``problems`` lists every finding."""
-
-    def __init__(self, problems: Sequence[str], source: str = "results"):
-        self.problems = list(problems)
-        shown = "\n  ".join(self.problems[:20])
-        more = f"\n  ... and {len(self.problems) - 20} more" if len(self.problems) > 20 else ""
-        super().__init__(f"{source}: {len(self.problems)} problem(s):\n  {shown}{more}")
 
 
 def submission_filename(name: str, split: str = "test-dev2017") -> str:
@@ -46,17 +38,24 @@ def submission_filename(name: str, split: str = "test-dev2017") -> str:
 
 
 def load_image_info(image_info) -> dict:
-    """An image-info (or instances) file or dict, checked for ``images`` and ``categories``."""
-    source = str(image_info) if isinstance(image_info, (str, os.PathLike)) else "image info"
-    data = load_json(image_info, "image-info file") if isinstance(image_info, (str, os.PathLike)) \
-        else image_info
+    """An image-info (or instances) json, ``.parquet``/``.arrow`` index or dict, checked for
+    ``images`` (with ``id``, ``width``, ``height``) and ``categories``."""
+    if isinstance(image_info, (str, os.PathLike)):
+        source = str(image_info)
+        data = (read_index(image_info).to_coco_dict() if Path(image_info).suffix in INDEX_SUFFIXES
+                else load_json(image_info, "image-info file"))
+    else:
+        source, data = "image info", image_info
     if not isinstance(data, Mapping) or not isinstance(data.get("images"), list) \
             or not isinstance(data.get("categories"), list):
         raise ValueError(f"{source}: not a COCO image-info file (needs 'images' and 'categories' lists)")
     for i, img in enumerate(data["images"]):
         for key in ("id", "width", "height"):
-            if key not in img:
+            if not isinstance(img, Mapping) or key not in img:
                 raise ValueError(f"{source}: image entry {i} lacks '{key}'")
+    for i, cat in enumerate(data["categories"]):
+        if not isinstance(cat, Mapping) or "id" not in cat:
+            raise ValueError(f"{source}: category entry {i} lacks 'id'")
     return data
 
 
@@ -71,99 +70,35 @@ def cap_per_image(results: Sequence[Mapping], max_per_image: int = DEFAULT_MAX_P
     return out
 
 
-def _number(v) -> float | None:
-    if isinstance(v, bool):
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) or (
-        hasattr(v, "dtype") and getattr(v.dtype, "kind", "") in "iu")
-
-
 def validate_results(results, image_info, max_per_image: int = DEFAULT_MAX_PER_IMAGE,
                      require_all_images: bool = True, source: str = "results") -> None:
     """Raise :class:`SubmissionError` naming the image and the field of every problem.
 
-    Checks: each detection is an object with exactly ``image_id``, ``category_id``, ``bbox``,
-    ``score``; integer ids; the image is in the image-info file and the category in its
-    ``categories``; ``score`` finite in [0, 1]; ``bbox`` four finite numbers with positive width
-    and height, inside the image (``BOX_TOLERANCE`` px of slack); at most ``max_per_image``
-    detections per image; and (``require_all_images``) every image has at least one detection.
+    Every detection follows the same rules as a results file scored by ``jobs/evaluate.py``
+    (:func:`pipeline.evaluation.results_problems`: exact keys, integer ids known to the image-info
+    file, score a finite number in [0, 1], bbox four finite numbers with positive size inside the
+    image); on top, a submission has at most ``max_per_image`` detections per image and
+    (``require_all_images``) at least one on every image.
     """
     info = load_image_info(image_info)
+    images = {img["id"]: img for img in info["images"]}
+    cat_ids = {c["id"] for c in info["categories"]}
+    problems = results_problems(results, images, cat_ids, reference="image-info file")
     if not isinstance(results, list):
-        raise SubmissionError([f"results must be a JSON list, got {type(results).__name__}"], source)
-    images = {int(img["id"]): img for img in info["images"]}
-    cat_ids = {int(c["id"]) for c in info["categories"]}
-    problems: list[str] = []
-    per_image: Counter = Counter()
-    for i, det in enumerate(results):
-        if not isinstance(det, Mapping):
-            problems.append(f"detection {i}: is a {type(det).__name__}, not an object")
-            continue
-        image_id = det.get("image_id")
-        where = f"detection {i} (image {image_id})"
-        missing = [k for k in _KEYS if k not in det]
-        extra = sorted(set(det) - set(_KEYS))
-        if missing:
-            problems.append(f"{where}: missing field(s) {', '.join(missing)}")
-        if extra:
-            problems.append(f"{where}: unexpected field(s) {', '.join(map(str, extra))}")
-        if "image_id" in det:
-            if not _is_int(image_id):
-                problems.append(f"{where}: image_id {image_id!r} is not an integer")
-            elif int(image_id) not in images:
-                problems.append(f"{where}: image_id {image_id} is not in the image-info file")
-            else:
-                per_image[int(image_id)] += 1
-        if "category_id" in det:
-            cat = det["category_id"]
-            if not _is_int(cat):
-                problems.append(f"{where}: category_id {cat!r} is not an integer")
-            elif int(cat) not in cat_ids:
-                problems.append(f"{where}: category_id {cat} is not a category of the image-info file")
-        if "score" in det:
-            s = _number(det["score"])
-            if s is None or not math.isfinite(s) or not 0.0 <= s <= 1.0:
-                problems.append(f"{where}: score {det['score']!r} is not a finite number in [0, 1]")
-        if "bbox" in det:
-            problems.extend(_bbox_problems(det["bbox"], images.get(image_id) if _is_int(image_id)
-                                           else None, where))
+        raise SubmissionError(problems, source)
+    per_image: Counter = Counter(d["image_id"] for d in results
+                                 if isinstance(d, Mapping) and d.get("image_id") in images
+                                 and not isinstance(d.get("image_id"), bool))
     for image_id, n in sorted(per_image.items()):
         if n > max_per_image:
             problems.append(f"image {image_id}: {n} detections, more than the cap of {max_per_image}")
     if require_all_images:
-        uncovered = [i for i in images if per_image[i] == 0]
-        for image_id in uncovered:
-            img = images[image_id]
-            problems.append(f"image {image_id} ({img.get('file_name', '?')}): no detection "
-                            "(every image of the image-info file must be covered)")
+        for image_id, img in images.items():
+            if per_image[image_id] == 0:
+                problems.append(f"image {image_id} ({img.get('file_name', '?')}): no detection "
+                                "(every image of the image-info file must be covered)")
     if problems:
         raise SubmissionError(problems, source)
-
-
-def _bbox_problems(bbox, img: Mapping | None, where: str) -> list[str]:
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-        return [f"{where}: bbox must be [x, y, w, h], got {bbox!r}"]
-    vals = [_number(v) for v in bbox]
-    if any(v is None or not math.isfinite(v) for v in vals):
-        return [f"{where}: bbox {list(bbox)!r} holds a non-finite or non-numeric value"]
-    x, y, w, h = vals
-    out = []
-    if w <= 0 or h <= 0:
-        out.append(f"{where}: bbox {list(bbox)} has non-positive width or height")
-    if img is not None:
-        W, H = float(img["width"]), float(img["height"])
-        t = BOX_TOLERANCE
-        if x < -t or y < -t or x + w > W + t or y + h > H + t:
-            out.append(f"{where}: bbox {list(bbox)} leaves the {int(W)}x{int(H)} image")
-    return out
 
 
 def check_loadres(path: str | os.PathLike, image_info) -> int:
@@ -226,15 +161,22 @@ def read_submission(path: str | os.PathLike) -> tuple[list, str]:
     if not path.is_file():
         raise FileNotFoundError(f"submission file not found: {path}")
     if path.suffix == ".zip":
-        with zipfile.ZipFile(path) as zf:
-            names = [n for n in zf.namelist() if not n.endswith("/")]
-            if len(names) != 1 or "/" in names[0] or not names[0].endswith(".json"):
-                raise SubmissionError([f"the zip must hold exactly one .json at its top level, "
-                                       f"holds {names}"], str(path))
-            try:
-                return json.loads(zf.read(names[0])), names[0]
-            except json.JSONDecodeError as e:
-                raise SubmissionError([f"{names[0]} is not valid JSON: {e}"], str(path)) from None
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = [n for n in zf.namelist() if not n.endswith("/")]
+                if len(names) != 1 or "/" in names[0] or not names[0].endswith(".json"):
+                    raise SubmissionError([f"the zip must hold exactly one .json at its top level, "
+                                           f"holds {names}"], str(path))
+                data = zf.read(names[0])
+        except (zipfile.BadZipFile, OSError, EOFError) as e:  # truncated or not a zip at all
+            raise SubmissionError([f"not a readable zip archive ({type(e).__name__}: {e})"], str(path)) from None
+        try:
+            return json.loads(data), names[0]
+        except json.JSONDecodeError as e:
+            raise SubmissionError([f"{names[0]} is not valid JSON: {e}"], str(path)) from None
+        except UnicodeDecodeError as e:
+            raise SubmissionError([f"{names[0]} is not valid JSON: not UTF-8 text ({e.reason} at byte "
+                                   f"{e.start})"], str(path)) from None
     return load_json(path, "submission file"), path.name
 
 

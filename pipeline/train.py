@@ -648,11 +648,11 @@ class _Tracker:
 def _evaluate(model, loader, dataset, category_map, cfg: TrainConfig, session: _Session, iteration: int,
               out_dir: Path, tracker: _Tracker) -> tuple[Optional[dict], Optional[Path]]:
     """Sharded inference, gather, COCO scoring on rank 0, results json written and logged."""
-    from pipeline.evaluation import evaluate_coco, gather_across_workers, predict, to_coco_results
-    from pipeline.evaluation import write_results_json
+    from pipeline.evaluation import evaluate_coco, gather_across_workers, write_results_json
+    from pipeline.inference import predict, to_coco_results
 
     t0 = time.perf_counter()
-    outputs = predict(ckpt_lib.unwrap(model), loader, session.device, amp=cfg.amp)
+    outputs = predict(ckpt_lib.unwrap(model), loader, session.device)  # always fp32
     outputs = gather_across_workers(outputs, dedupe_key="image_id")
     if session.rank != 0:
         return None, None

@@ -1,4 +1,7 @@
-"""Test-time augmentation of the paper's 50.7 AP test-dev entry (spec ``ATSS.md`` section 4).
+"""Test-time augmentation of the paper's 50.7 AP test-dev entry (spec ``ATSS.md`` section 4):
+its settings (:class:`TTAConfig`, the passes) and the merges of the passes' detections.
+Running a model through the passes is :func:`pipeline.inference.predict_tta`; this module
+imports nothing from :mod:`pipeline.inference`.
 
 Every image runs through a set of *passes* (a test size, optionally mirrored):
 
@@ -9,11 +12,17 @@ Every image runs through a set of *passes* (a test size, optionally mirrored):
   scales contribute large objects and large scales small ones.
 
 Each pass is a normal inference (NMS, top 100). The union of all passes is merged per class by
-*soft voting*: in score order, each remaining box heads a cluster of the remaining boxes of its
-class with IoU >= 0.66; the cluster becomes one box, the score-weighted mean of its members,
-with the cluster's highest score; the other members also stay, unchanged, with their score
-damped to ``score * (1 - IoU with the head)`` when that is still >= 0.05. At most 1000
-detections per image remain.
+one of the official ``TEST.BBOX_AUG.MERGE_TYPE`` merges (``TTAConfig.merge``):
+
+- ``"soft-vote"`` (the paper's setting, default): in score order, each remaining box heads a
+  cluster of the remaining boxes of its class with IoU >= 0.66; the cluster becomes one box, the
+  score-weighted mean of its members, with the cluster's highest score; the other members also
+  stay, unchanged, with their score damped to ``score * (1 - IoU with the head)`` when that is
+  still >= 0.05;
+- ``"vote"``: the same clusters, but only the merged box of each cluster remains;
+- ``"nms"``: class-wise NMS at the model's IoU 0.6; boxes stay as detected.
+
+At most 1000 detections per image remain.
 
 Boxes are ``xyxy`` in absolute, continuous pixels (no +1), as everywhere in the project.
 """
@@ -21,20 +30,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torchvision.ops import box_area, box_iou
-
-from pipeline.data.transforms import get_resize_size, hflip_boxes, normalize
+from torchvision.ops import batched_nms, box_area, box_iou
 
 INF = math.inf
+MERGES = ("soft-vote", "vote", "nms")
 
-__all__ = ["TTAConfig", "TTAPass", "area_filter", "soft_vote", "cap_detections", "merge_passes",
-           "tta_detect", "predict_tta", "OriginalImage", "collate_original"]
+__all__ = ["TTAConfig", "TTAPass", "MERGES", "area_filter", "soft_vote", "vote", "nms_merge",
+           "cap_detections", "merge_passes", "OriginalImage", "collate_original"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,14 @@ class TTAPass:
     max_size: int
     hflip: bool
     area_range: tuple[float, float] | None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclass
@@ -64,31 +80,46 @@ class TTAConfig:
         (0, 256), (0, 256), (0, 192), (0, 192), (0, 96))
     scale_hflip: bool = True  # mirror pass at every extra scale
     max_size: int = 3000  # longer-side cap for scales >= test_min_size (test_max_size below)
-    vote_iou: float = 0.66
-    vote_score_threshold: float = 0.05  # damped members below this are dropped
+    merge: str = "soft-vote"  # official MERGE_TYPE: "soft-vote" | "vote" | "nms"
+    vote_iou: float = 0.66  # VOTE_TH: cluster IoU of "soft-vote" and "vote"
+    vote_score_threshold: float = 0.05  # damped "soft-vote" members below this are dropped
+    nms_iou: float = 0.6  # IoU of the "nms" merge (the official code reuses MODEL.ATSS.NMS_TH)
     max_per_image: int = 1000
 
     def __post_init__(self) -> None:
-        self.scales = tuple(int(s) for s in self.scales)
+        def bad(field: str, value: Any, allowed: str) -> ValueError:
+            return ValueError(f"TTAConfig.{field}: got {value!r}; allowed: {allowed}")
+
+        for name in ("test_min_size", "test_max_size", "max_size", "max_per_image"):
+            v = getattr(self, name)
+            if not _is_int(v) or v <= 0:
+                raise bad(name, v, "a positive int")
+        for name in ("hflip", "scale_hflip"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, getattr(self, name), "true or false")
+        if isinstance(self.scales, (str, bytes)) or not isinstance(self.scales, Sequence) \
+                or not all(_is_int(s) and s > 0 for s in self.scales):
+            raise bad("scales", self.scales, "a list of positive ints")
+        if isinstance(self.scale_ranges, (str, bytes)) or not isinstance(self.scale_ranges, Sequence) \
+                or not all(isinstance(r, Sequence) and not isinstance(r, str) and len(r) == 2
+                           and all(_is_number(v) for v in r) for r in self.scale_ranges):
+            raise bad("scale_ranges", self.scale_ranges, "a list of [lo, hi] number pairs")
+        self.scales = tuple(self.scales)
         self.scale_ranges = tuple((float(lo), float(hi)) for lo, hi in self.scale_ranges)
         if len(self.scales) != len(self.scale_ranges):
             raise ValueError(f"TTAConfig: {len(self.scales)} scales but {len(self.scale_ranges)} "
                              "scale_ranges (one (lo, hi) per scale)")
-        for name in ("test_min_size", "test_max_size", "max_size", "max_per_image"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"TTAConfig.{name} must be a positive int, got {v!r}")
         for s, (lo, hi) in zip(self.scales, self.scale_ranges):
-            if s <= 0:
-                raise ValueError(f"TTAConfig.scales must be positive, got {s}")
             if not 0 <= lo < hi:
                 raise ValueError(f"TTAConfig.scale_ranges: range ({lo}, {hi}) of scale {s} must "
                                  "satisfy 0 <= lo < hi")
-        if not 0.0 < self.vote_iou <= 1.0:
-            raise ValueError(f"TTAConfig.vote_iou must lie in (0, 1], got {self.vote_iou}")
-        if not 0.0 <= self.vote_score_threshold <= 1.0:
-            raise ValueError(f"TTAConfig.vote_score_threshold must lie in [0, 1], "
-                             f"got {self.vote_score_threshold}")
+        if self.merge not in MERGES:
+            raise bad("merge", self.merge, " | ".join(MERGES))
+        for name, lo_open in (("vote_iou", True), ("nms_iou", True), ("vote_score_threshold", False)):
+            v = getattr(self, name)
+            ok = _is_number(v) and (0.0 < v <= 1.0 if lo_open else 0.0 <= v <= 1.0)
+            if not ok:
+                raise bad(name, v, "a number in (0, 1]" if lo_open else "a number in [0, 1]")
 
     def passes(self) -> list[TTAPass]:
         """All passes in the official order: test size (+ flip), then each scale (+ flip)."""
@@ -111,13 +142,16 @@ class TTAConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TTAConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"TTAConfig: expected a JSON object of settings, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"TTAConfig: unknown key(s) {unknown}; known keys: {sorted(known)}")
         d = dict(d)
-        if "scale_ranges" in d:
-            d["scale_ranges"] = tuple((lo, INF if hi is None else hi) for lo, hi in d["scale_ranges"])
+        ranges = d.get("scale_ranges")
+        if isinstance(ranges, list) and all(isinstance(r, list) and len(r) == 2 for r in ranges):
+            d["scale_ranges"] = tuple((lo, INF if hi is None else hi) for lo, hi in ranges)
         return cls(**d)
 
     def replace(self, **changes) -> "TTAConfig":
@@ -152,24 +186,19 @@ def area_filter(boxes: torch.Tensor, area_range: tuple[float, float] | None,
     return (area > lo * lo) & (area < hi * hi)
 
 
-def soft_vote(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
-              iou_threshold: float = 0.66, score_threshold: float = 0.05
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Soft-vote merge of overlapping detections, class by class (boxes of different labels never
-    cluster).
+def _vote_clusters(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
+                   iou_threshold: float):
+    """Greedy per-class clustering shared by :func:`soft_vote` and :func:`vote` (official
+    ``bbox_vote`` / ``soft_bbox_vote``): in descending score, each remaining box heads a cluster of
+    the remaining boxes of its class with IoU(head) >= ``iou_threshold``.
 
-    Args:
-        boxes: [N, 4] xyxy; scores: [N]; labels: [N] int64.
-    Returns:
-        ``(boxes [M, 4], scores [M], labels [M])`` sorted by descending score. Each cluster (head =
-        highest remaining score, members = remaining same-class boxes with IoU(head) >=
-        ``iou_threshold``) gives its score-weighted mean box with the head's score; a cluster of
-        one box keeps it as is; the non-head members of larger clusters are also kept with score
-        ``score * (1 - IoU(head, member))`` when that is >= ``score_threshold``.
+    Returns ``(boxes, scores, labels, head, iou_to_head, merged)`` with the inputs re-ordered by
+    class then descending score, ``head[i]`` the index of box ``i``'s cluster head, and
+    ``merged`` = ``(boxes [K, 4], scores [K], labels [K], size [K])`` of the K clusters: the
+    score-weighted mean box (a one-box cluster keeps its box exactly), the head's score and label,
+    and the member count.
     """
     n = boxes.shape[0]
-    if n == 0:
-        return boxes.reshape(0, 4), scores.reshape(0), labels.reshape(0)
     # Group by class, each class in descending score: IoUs are only needed within a class.
     order = torch.sort(scores, descending=True, stable=True).indices
     order = order[torch.sort(labels[order], stable=True).indices]
@@ -206,18 +235,72 @@ def soft_vote(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
     merged_boxes = wsum[heads] / ssum[heads].clamp_min(torch.finfo(scores.dtype).tiny)[:, None]
     single = size[heads] == 1
     merged_boxes[single] = boxes[heads[single]]  # exact copy, no rounding through the mean
-    merged_scores, merged_labels = scores[heads], labels[heads]
+    merged = (merged_boxes, scores[heads], labels[heads], size[heads])
+    return boxes, scores, labels, head, iou_to_head, merged
 
+
+def _by_score(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor):
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return boxes[order], scores[order], labels[order]
+
+
+def _empty(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor):
+    return boxes.reshape(0, 4), scores.reshape(0), labels.reshape(0)
+
+
+def soft_vote(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
+              iou_threshold: float = 0.66, score_threshold: float = 0.05
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Soft-vote merge of overlapping detections, class by class (boxes of different labels never
+    cluster); the official ``MERGE_TYPE "soft-vote"`` (``soft_bbox_vote``).
+
+    Args:
+        boxes: [N, 4] xyxy; scores: [N]; labels: [N] int64.
+    Returns:
+        ``(boxes [M, 4], scores [M], labels [M])`` sorted by descending score. Each cluster (head =
+        highest remaining score, members = remaining same-class boxes with IoU(head) >=
+        ``iou_threshold``) gives its score-weighted mean box with the head's score; a cluster of
+        one box keeps it as is; the non-head members of larger clusters are also kept with score
+        ``score * (1 - IoU(head, member))`` when that is >= ``score_threshold``.
+    """
+    n = boxes.shape[0]
+    if n == 0:
+        return _empty(boxes, scores, labels)
+    boxes, scores, labels, head, iou_to_head, merged = _vote_clusters(boxes, scores, labels,
+                                                                      iou_threshold)
+    merged_boxes, merged_scores, merged_labels, _ = merged
     idx = torch.arange(n, device=boxes.device)
+    size = torch.bincount(head, minlength=n)
     is_member = (head != idx) & (size[head] > 1)
     damped = scores * (1.0 - iou_to_head)
     soft = is_member & (damped >= score_threshold)
+    return _by_score(torch.cat([merged_boxes, boxes[soft]]), torch.cat([merged_scores, damped[soft]]),
+                     torch.cat([merged_labels, labels[soft]]))
 
-    out_boxes = torch.cat([merged_boxes, boxes[soft]])
-    out_scores = torch.cat([merged_scores, damped[soft]])
-    out_labels = torch.cat([merged_labels, labels[soft]])
-    order = torch.sort(out_scores, descending=True, stable=True).indices
-    return out_boxes[order], out_scores[order], out_labels[order]
+
+def vote(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
+         iou_threshold: float = 0.66) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Box voting, class by class; the official ``MERGE_TYPE "vote"`` (``bbox_vote``).
+
+    The clusters of :func:`soft_vote`, but only the clusters remain: each becomes its
+    score-weighted mean box with the head's (highest) score, and the other members are dropped.
+    Shapes as :func:`soft_vote`; sorted by descending score.
+    """
+    if boxes.shape[0] == 0:
+        return _empty(boxes, scores, labels)
+    merged_boxes, merged_scores, merged_labels, _ = _vote_clusters(boxes, scores, labels,
+                                                                   iou_threshold)[-1]
+    return _by_score(merged_boxes, merged_scores, merged_labels)
+
+
+def nms_merge(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
+              iou_threshold: float = 0.6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Class-wise NMS over the union of the passes; the official ``MERGE_TYPE "nms"``, which reuses
+    the model's ``NMS_TH`` (0.6). Boxes are kept unchanged. Shapes as :func:`soft_vote`."""
+    if boxes.shape[0] == 0:
+        return _empty(boxes, scores, labels)
+    keep = batched_nms(boxes, scores, labels, iou_threshold)  # descending score
+    return boxes[keep], scores[keep], labels[keep]
 
 
 def cap_detections(scores: torch.Tensor, max_per_image: int) -> torch.Tensor:
@@ -231,108 +314,18 @@ def cap_detections(scores: torch.Tensor, max_per_image: int) -> torch.Tensor:
 
 def merge_passes(per_pass: Sequence[dict], cfg: TTAConfig) -> dict:
     """Union of one image's pass outputs (``boxes``/``scores``/``labels``, original pixels, already
-    area-filtered) -> soft-voted, capped detections ``{"boxes", "scores", "labels"}``."""
+    area-filtered) -> merged (``cfg.merge``), capped detections ``{"boxes", "scores", "labels"}``."""
     boxes = torch.cat([p["boxes"].float() for p in per_pass]).reshape(-1, 4)
     scores = torch.cat([p["scores"].float() for p in per_pass]).reshape(-1)
     labels = torch.cat([p["labels"].long() for p in per_pass]).reshape(-1)
-    boxes, scores, labels = soft_vote(boxes, scores, labels, cfg.vote_iou, cfg.vote_score_threshold)
+    if cfg.merge == "soft-vote":
+        boxes, scores, labels = soft_vote(boxes, scores, labels, cfg.vote_iou, cfg.vote_score_threshold)
+    elif cfg.merge == "vote":
+        boxes, scores, labels = vote(boxes, scores, labels, cfg.vote_iou)
+    else:
+        boxes, scores, labels = nms_merge(boxes, scores, labels, cfg.nms_iou)
     keep = cap_detections(scores, cfg.max_per_image)
     return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
-
-
-# ----------------------------------------------------------------------------------------------
-# running a model
-# ----------------------------------------------------------------------------------------------
-def _resize_normalized(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 ``[3, h0, w0]`` -> normalised float ``[3, h, w]``, the same path as the data pipeline
-    (antialiased bilinear resize of the uint8 image, then normalisation)."""
-    from torchvision.transforms.v2 import functional as TF
-
-    if tuple(image.shape[-2:]) != tuple(size):
-        image = TF.resize(image, list(size), antialias=True)
-    return normalize(image)
-
-
-@torch.inference_mode()
-def tta_detect(model: torch.nn.Module, images: Sequence[torch.Tensor], cfg: TTAConfig,
-               passes: Sequence[TTAPass] | None = None, amp: bool = False,
-               return_passes: bool = False):
-    """TTA detections for a batch of original images.
-
-    Args:
-        model: detector in eval mode; ``model(list of [3, h, w], image_sizes, original_sizes)``
-            returns per-image ``{"boxes" xyxy in original pixels, "scores", "labels"}``.
-        images: uint8 RGB ``[3, h0, w0]`` tensors at original resolution (any device; the model's
-            device is used for the passes).
-        cfg: the TTA settings; ``passes`` overrides ``cfg.passes()``.
-        return_passes: also return, per image, the filtered output of every pass (for tests and
-            diagnostics).
-
-    Returns:
-        per image ``{"boxes" float32[D, 4] xyxy original pixels, "scores" [D], "labels" [D]}`` on
-        the CPU (``D <= cfg.max_per_image`` up to ties), and with ``return_passes`` a second list:
-        per image, ``[(TTAPass, (h, w) pass size, {"boxes", "scores", "labels"}) ...]``.
-    """
-    passes = list(passes) if passes is not None else cfg.passes()
-    device = next(model.parameters()).device
-    use_amp = amp and device.type == "cuda"
-    originals = [img.to(device) for img in images]
-    orig_sizes = [tuple(int(v) for v in img.shape[-2:]) for img in originals]
-    collected: list[list] = [[] for _ in originals]
-    # A pass and its mirror share one resize; run them as one batch.
-    groups: dict[tuple[int, int], list[TTAPass]] = {}
-    for p in passes:
-        groups.setdefault((p.min_size, p.max_size), []).append(p)
-    for (min_size, max_size), group in groups.items():
-        sizes = [get_resize_size(h0, w0, min_size, max_size)[:2] for h0, w0 in orig_sizes]
-        resized = [_resize_normalized(img, s) for img, s in zip(originals, sizes)]
-        batch, meta = [], []
-        for p in group:
-            for i, x in enumerate(resized):
-                batch.append(x.flip(-1) if p.hflip else x)
-                meta.append((p, i))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            dets = model(batch, image_sizes=[sizes[i] for _, i in meta],
-                         original_sizes=[orig_sizes[i] for _, i in meta])
-        for det, (p, i) in zip(dets, meta):
-            h0, w0 = orig_sizes[i]
-            h, w = sizes[i]
-            boxes = det["boxes"].float().cpu()
-            if p.hflip:
-                boxes = hflip_boxes(boxes, w0)
-            keep = area_filter(boxes, p.area_range, (w / w0, h / h0))
-            collected[i].append((p, (h, w), {"boxes": boxes[keep],
-                                             "scores": det["scores"].float().cpu()[keep],
-                                             "labels": det["labels"].long().cpu()[keep]}))
-    merged = [merge_passes([out for _, _, out in per_image], cfg) for per_image in collected]
-    return (merged, collected) if return_passes else merged
-
-
-def predict_tta(model: torch.nn.Module, loader: Iterable, device: torch.device | str,
-                cfg: TTAConfig, category_map=None, amp: bool = False) -> list[dict]:
-    """:func:`pipeline.evaluation.predict` with TTA: same per-image output format.
-
-    ``loader`` yields ``(images, targets)`` with ``images`` a list of uint8 ``[3, h0, w0]``
-    originals (a dataset with :class:`OriginalImage` as transform and :func:`collate_original`).
-    """
-    from pipeline.evaluation import _label_lookup, _to_category_ids
-
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    lookup = _label_lookup(category_map) if category_map is not None else None
-    outputs = []
-    try:
-        for images, targets in loader:
-            for det, t in zip(tta_detect(model, [img.to(device) for img in images], cfg, amp=amp),
-                              targets):
-                item = {"image_id": int(t["image_id"]), **det}
-                if lookup is not None:
-                    item["category_ids"] = _to_category_ids(det["labels"], lookup)
-                outputs.append(item)
-    finally:
-        model.train(was_training)
-    return outputs
 
 
 @dataclass

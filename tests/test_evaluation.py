@@ -1,4 +1,4 @@
-"""COCO evaluation: metrics against known figures, both backends, bad input, results conversion."""
+"""COCO evaluation: metrics against known figures, both backends, bad input, one results validator."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,7 @@ import os
 import pytest
 import torch
 
-from pipeline.evaluation import (METRIC_KEYS, evaluate_coco, gather_across_workers, predict, to_coco_results,
-                                 write_results_json)
+from pipeline.evaluation import METRIC_KEYS, ResultsError, evaluate_coco, gather_across_workers, load_ground_truth
 
 REFERENCE = {"AP": 0.626, "AP50": 0.817, "AP75": 0.698, "APs": 0.461, "APm": 0.691, "APl": 0.797}
 
@@ -108,35 +107,19 @@ def test_bad_inputs_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="broken.json is not valid JSON"):
         evaluate_coco(gt, broken)
     dets = _perfect(gt)
-    with pytest.raises(ValueError, match=r"image id\(s\).*: 999"):
+    with pytest.raises(ValueError, match=r"detection 9 \(image 999\): image_id 999 is not in the ground truth"):
         evaluate_coco(gt, dets + [dict(dets[0], image_id=999)])
-    with pytest.raises(ValueError, match=r"category id\(s\).*: 5"):
+    with pytest.raises(ValueError, match=r"detection 9 \(image 10\): category_id 5 is not a category"):
         evaluate_coco(gt, dets + [dict(dets[0], category_id=5)])
-    with pytest.raises(ValueError, match="lacks score"):
+    with pytest.raises(ValueError, match=r"detection 0 \(image 10\): missing field\(s\) score"):
         evaluate_coco(gt, [{k: v for k, v in dets[0].items() if k != "score"}])
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(ValueError, match="score nan is not a finite number"):
         evaluate_coco(gt, [dict(dets[0], score=float("nan"))])
     with pytest.raises(ValueError, match="unknown backend"):
         evaluate_coco(gt, dets, backend="detectron")
     info = {k: v for k, v in gt.items() if k != "annotations"}
     with pytest.raises(ValueError, match="no 'annotations'"):
         evaluate_coco(info, dets)
-
-
-def test_to_coco_results_converts_boxes_labels_and_drops_degenerate(tmp_path):
-    outputs = [{"image_id": 12,
-                "boxes": torch.tensor([[10.0, 20.0, 40.0, 80.0], [5.0, 5.0, 5.0, 9.0]]),
-                "scores": torch.tensor([0.8, 0.7]), "labels": torch.tensor([2, 1])}]
-    res = to_coco_results(outputs, category_map=[3, 7])  # label 1 -> COCO 3, label 2 -> COCO 7
-    assert res == [{"image_id": 12, "category_id": 7, "bbox": [10.0, 20.0, 30.0, 60.0],
-                    "score": pytest.approx(0.8)}]
-    targets = [{"image_id": 11}]
-    assert to_coco_results(outputs, targets, {1: 3, 2: 7})[0]["image_id"] == 11
-    with pytest.raises(ValueError, match=r"label\(s\) \[3\]"):
-        to_coco_results([dict(outputs[0], labels=torch.tensor([3, 1]))], category_map=[3, 7])
-    path = write_results_json(res, tmp_path / "sub" / "dets.json")
-    assert json.loads(path.read_text()) == [dict(res[0], score=pytest.approx(0.8))]
-    assert not list(path.parent.glob("*.tmp"))
 
 
 def test_gather_without_process_group_is_identity_and_dedupes():
@@ -171,27 +154,3 @@ def test_gather_across_two_gloo_ranks(tmp_path):
     expected = [{"image_id": 0, "r": 0}, {"image_id": 2, "r": 0}, {"image_id": 1, "r": 1}]
     for r in range(2):
         assert json.loads((tmp_path / f"{r}.json").read_text()) == expected
-
-
-def test_predict_returns_original_pixels_and_restores_the_mode():
-    from detector import build_detector, get_preset
-    from pipeline.data import DetectionTransform, collate
-
-    torch.manual_seed(0)
-    model = build_detector(get_preset("tiny", num_classes=2, score_thresh=0.005)).train()
-    g = torch.Generator().manual_seed(0)
-    batch = []
-    for image_id, (h0, w0) in ((5, (300, 420)), (6, (380, 260))):
-        img = torch.randint(0, 256, (3, h0, w0), dtype=torch.uint8, generator=g)
-        batch.append(DetectionTransform(96, 160)(img, {"boxes": torch.zeros(0, 4), "crowd_boxes": torch.zeros(0, 4),
-                                                      "image_id": image_id, "orig_size": (h0, w0)}, None))
-    out = predict(model, [collate(batch)], category_map=[3, 7])
-    assert model.training, "predict must give the model back in the mode it found it"
-    assert [o["image_id"] for o in out] == [5, 6]
-    for o, (h0, w0), (_, t) in zip(out, ((300, 420), (380, 260)), batch):
-        b = o["boxes"]
-        assert len(b) > 0 and b.dtype == torch.float32
-        assert (b[:, 2] <= w0).all() and (b[:, 3] <= h0).all() and (b >= 0).all()
-        assert b[:, 2].max() > t["image_size"][1] or b[:, 3].max() > t["image_size"][0]  # not input pixels
-        assert set(o["category_ids"].tolist()) <= {3, 7}
-        assert torch.equal(o["category_ids"], torch.tensor([3, 7])[o["labels"] - 1])

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.evaluation import METRIC_KEYS, evaluate_coco, predict, to_coco_results
+from pipeline import inference_cli as cli
+from pipeline.evaluation import METRIC_KEYS, evaluate_coco
+from pipeline.inference import predict, to_coco_results
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "jobs"))
@@ -82,7 +84,7 @@ def test_results_mode_reproduces_the_reference_figures(shared_data, capsys):
 
 def test_checkpoint_mode_uses_its_data_and_matches_plain_predict(synthetic_checkpoint, tmp_path, capsys):
     from pipeline.data import build_dataloader, build_dataset
-    from pipeline.evaluation import load_model_state, model_category_map
+    from pipeline.inference import load_model_state, model_category_map
     from pipeline.checkpoint import load_detector
 
     saved = tmp_path / "dets.json"
@@ -92,7 +94,7 @@ def test_checkpoint_mode_uses_its_data_and_matches_plain_predict(synthetic_check
 
     # the same numbers straight from predict() on the checkpoint's own val split
     state = load_model_state(synthetic_checkpoint)
-    data_cfg = evaluate_job.data_config_of(state)
+    data_cfg = cli.data_config_of(state)
     ds = build_dataset(data_cfg, "val", train=False)
     model, _, _ = load_detector(synthetic_checkpoint)
     results = to_coco_results(predict(model, build_dataloader(data_cfg, "val", 2, train=False, dataset=ds)),
@@ -121,17 +123,17 @@ def test_bad_arguments_are_reported(synthetic_checkpoint, tmp_path):
         evaluate_job.main(["--checkpoint", str(synthetic_checkpoint), "--results", "x.json"])
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         evaluate_job.main(["--checkpoint", str(tmp_path / "missing")])
-    with pytest.raises(SystemExit, match="--tta-config"):
+    with pytest.raises(ValueError, match="--tta-config"):
         evaluate_job.main(["--checkpoint", str(synthetic_checkpoint), "--tta-config", "{nope"])
 
 
 @pytest.mark.ray
 def test_sharding_over_ray_tasks_gives_the_same_results(ray_cluster, synthetic_checkpoint):
-    from pipeline.evaluation import InferenceSpec, load_model_state, predict_sharded
+    from pipeline.inference import InferenceSpec, load_model_state, predict_sharded
     from pipeline.data import resolve_split
 
     state = load_model_state(synthetic_checkpoint)
-    data_cfg = evaluate_job.data_config_of(state)
+    data_cfg = cli.data_config_of(state)
     ann, images = resolve_split(data_cfg, "val")
     # batch size 1: padding a batch changes the detections, so shards must batch alike
     spec = InferenceSpec(str(ann), str(images), test_min_size=96, max_size=160, batch_size=1)

@@ -116,20 +116,6 @@ class AnnotationTable:
             coco.createIndex()
         return coco
 
-    @classmethod
-    def load(cls, path: str | os.PathLike, *, keep_coco: bool = False):
-        """Load an instances/image-info json (via pycocotools) or a ``.parquet``/``.arrow`` index.
-
-        Returns ``(table, coco)`` where ``coco`` is the pycocotools object for a json loaded
-        with ``keep_coco=True`` and ``None`` otherwise.
-        """
-        path = Path(path)
-        if path.suffix in (".parquet", ".arrow"):
-            from .index import read_index
-
-            return read_index(path), None
-        return load_coco_json(path, keep_coco=keep_coco)
-
 
 @contextlib.contextmanager
 def _gc_paused():

@@ -81,17 +81,3 @@ class CategoryMap:
         if lab.size and (lab.min() < 1 or lab.max() > self.num_classes):
             raise ValueError(f"labels must lie in 1..{self.num_classes}, got {lab.min()}..{lab.max()}")
         return np.asarray(self.ids, dtype=np.int64)[lab - 1]
-
-    def label(self, coco_id: int) -> int:
-        lab = int(self.to_labels([coco_id])[0])
-        if lab == 0:
-            raise KeyError(f"unknown COCO category id {coco_id} (known: {list(self.ids)})")
-        return lab
-
-    def coco_id(self, label: int) -> int:
-        return int(self.to_coco_ids([label])[0])
-
-    def name(self, label: int) -> str:
-        if not 1 <= label <= self.num_classes:
-            raise KeyError(f"label {label} outside 1..{self.num_classes}")
-        return self.names[label - 1]

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .annotations import AnnotationTable
+from .index import load_annotations
 from .categories import CategoryMap
 from .transforms import DetectionTransform
 
@@ -71,7 +71,7 @@ class CocoDetection(torch.utils.data.Dataset):
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"image directory not found: {self.image_dir} (annotations: {ann_file})")
         keep = (not train) if keep_coco is None else keep_coco
-        self.table, self._coco = AnnotationTable.load(ann_file, keep_coco=keep)
+        self.table, self._coco = load_annotations(ann_file, keep_coco=keep)
         self.category_map: CategoryMap = self.table.category_map  # ids were validated on load
         self.transform = transform or DetectionTransform(flip_prob=0.5 if train else 0.0)
         self.min_box_size = float(min_box_size)

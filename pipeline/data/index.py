@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from .annotations import AnnotationError, AnnotationTable, load_coco_json
 from ..progress import progress
 
-__all__ = ["build_index", "write_index", "read_index", "INDEX_VERSION"]
+__all__ = ["build_index", "write_index", "read_index", "load_annotations", "INDEX_VERSION", "INDEX_SUFFIXES"]
 
 INDEX_VERSION = "1"
 _COLUMNS = ("image_id", "file_name", "height", "width", "ann_ids", "boxes", "category_ids", "areas", "iscrowd")
@@ -172,3 +172,15 @@ def read_index(path: str | os.PathLike) -> AnnotationTable:
     )
     table.validate_categories()
     return table
+
+
+def load_annotations(path: str | os.PathLike, *, keep_coco: bool = False):
+    """Load an instances/image-info json (via pycocotools) or a ``.parquet``/``.arrow`` index.
+
+    Returns ``(table, coco)`` where ``coco`` is the pycocotools object for a json loaded
+    with ``keep_coco=True`` and ``None`` otherwise.
+    """
+    path = Path(path)
+    if path.suffix in INDEX_SUFFIXES:
+        return read_index(path), None
+    return load_coco_json(path, keep_coco=keep_coco)
