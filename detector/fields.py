@@ -14,10 +14,15 @@ errors, ``aspect_ratios=0.5,1,2`` is a tuple) and then apply the same checks.
 Every error is a :class:`FieldError` (a ``ValueError``) naming the class and field, the value
 given and what is allowed, e.g. ``DetectorConfig.topk=2.5: expected an int >= 1, got a float``.
 Checks between fields (``centerness`` needs ``in_gt_box``) stay with the config class.
+
+The functions also take a function in place of a class: its keyword parameters are the fields
+(``parse_assignments(build_train_config, ["iterations=abc"], "--train-set")``), with rules from
+the function's ``RULES`` attribute when it has one.
 """
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import numbers
 import re
@@ -44,29 +49,39 @@ class FieldError(ValueError):
     """
 
     def __init__(self, owner: str, field: str, value: Any, allowed: str, got: str = "",
-                 option: Optional[str] = None, text: Optional[str] = None):
+                 option: Optional[str] = None, text: Optional[str] = None, where: str = ""):
         self.owner, self.field, self.value, self.allowed, self.got = owner, field, value, allowed, got
-        self.option, self.text = option, text
+        self.option, self.text, self.where = option, text, where
         super().__init__(str(self))
 
     def __str__(self) -> str:
+        return (f"{self.where}: " if self.where else "") + self.describe()
+
+    def describe(self) -> str:
         tail = f", got {self.got}" if self.got else ""
         if self.option is not None:
             return f"{self.option} {self.text}: {self.owner}.{self.field} expects {self.allowed}{tail}"
         return f"{self.owner}.{self.field}={self.value!r}: expected {self.allowed}{tail}"
 
+    def _parts(self) -> tuple:
+        return (self.owner, self.field, self.value, self.allowed, self.got, self.option, self.text, self.where)
+
     def from_option(self, option: str, text: str) -> "FieldError":
         """The same error, reported as coming from ``option`` given as ``text`` (``"topk=abc"``)."""
-        return type(self)(self.owner, self.field, self.value, self.allowed, self.got, option, text)
+        return type(self)(*self._parts()[:5], option, text, self.where)
+
+    def within(self, where: str) -> "FieldError":
+        """The same error inside an enclosing setting (``"TrainConfig.detector"``), named first."""
+        return type(self)(*self._parts()[:7], f"{where}: {self.where}" if self.where else where)
 
     def __reduce__(self):  # picklable across Ray/multiprocessing with all its parts
-        return (type(self), (self.owner, self.field, self.value, self.allowed, self.got, self.option, self.text))
+        return (type(self), self._parts())
 
 
 class UnknownFieldError(FieldError):
     """A name that is not a field of the config class (``allowed`` lists the fields)."""
 
-    def __str__(self) -> str:
+    def describe(self) -> str:
         where = f"{self.option} {self.text}: " if self.option is not None else ""
         if isinstance(self.value, list) and len(self.value) > 1:
             return f"{where}{self.owner} has no fields {', '.join(map(repr, self.value))}; {self.allowed}"
@@ -136,7 +151,7 @@ def _type_text(hint: Any, plural: bool = False) -> str:
     if hint is Any:
         return "values" if plural else "any value"
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_text(a, plural) for a in args)
+        return " or ".join(dict.fromkeys(_type_text(a, plural) for a in args))
     if origin is typing.Literal:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin in (tuple, list):
@@ -299,20 +314,25 @@ def _check_rule(rule: Rule, hint: Any, value: Any) -> Optional[str]:
 _HINTS: dict[type, dict[str, Any]] = {}
 
 
-def _hints(cls: type) -> dict[str, Any]:
+def _hints(cls: Any) -> dict[str, Any]:
+    """Field -> annotation of a dataclass, or keyword parameter -> annotation of a function."""
     if cls not in _HINTS:
         hints = typing.get_type_hints(cls)
-        _HINTS[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+        if dataclasses.is_dataclass(cls):
+            _HINTS[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+        else:
+            _HINTS[cls] = {n: hints.get(n, Any) for n, p in inspect.signature(cls).parameters.items()
+                           if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
     return _HINTS[cls]
 
 
-def _rules(cls: type) -> Mapping[str, Rule]:
+def _rules(cls: Any) -> Mapping[str, Rule]:
     return getattr(cls, "RULES", {})
 
 
-def field_names(cls: type) -> list[str]:
-    """The dataclass fields of ``cls`` in declaration order."""
-    return [f.name for f in dataclasses.fields(cls)]
+def field_names(cls: Any) -> list[str]:
+    """The dataclass fields of ``cls`` in declaration order (or a function's keyword parameters)."""
+    return list(_hints(cls))
 
 
 def check_value(cls: type, name: str, value: Any) -> Any:
