@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -76,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "with --asha a quarter of the run)")
     train.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
                        help="a TrainConfig field for every trial, e.g. base_lr=0.02 (repeatable)")
+    train.add_argument("--amp", choices=("bf16",), help="train under bf16 autocast (default: fp32, as the paper; "
+                                                        "evaluation always runs in fp32)")
     train.add_argument("--log-model", action="store_true", help="log each trial's model to MLflow")
     res = p.add_argument_group("resources")
     res.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"),
@@ -132,9 +133,9 @@ def _seeds(text: str) -> list[int]:
         raise ValueError(f"--seeds {text!r}: give comma-separated integers") from None
 
 
-def make_plan(a):
-    """The SweepPlan the arguments describe (raises ValueError naming the problem)."""
-    from pipeline.ablation import parse_space, plan_space, plan_table
+def make_plan(a, config):
+    """The SweepPlan the arguments describe, run as ``config`` says (raises ValueError naming the problem)."""
+    from pipeline.ablation import SearchSpace, coerce_value, parse_space, plan_space, plan_table, resolve_field
 
     seeds = _seeds(a.seeds)
     fixed = _key_values(a.set, "--set")
@@ -145,25 +146,25 @@ def make_plan(a):
     if a.space:
         space = parse_space(a.space, a.num_samples)
         if fixed:
-            from pipeline.ablation import SearchSpace, coerce_value, resolve_field
-
             extra = {resolve_field(k): coerce_value(resolve_field(k), v) for k, v in fixed.items()}
             clash = sorted(set(extra) & set(space.varied))
             if clash:
                 raise ValueError(f"--set fixes {clash}, which the search space varies")
             space = SearchSpace(space.dimensions, {**space.fixed, **extra}, space.num_samples)
-        return plan_space(space, a.preset, seeds, sample_seed=a.sample_seed)
+        return plan_space(space, a.preset, seeds, sample_seed=a.sample_seed, config=config)
     table = a.table or DEMO_TABLE
     values = a.values
     if a.table is None and not a.rows:
         values = values or (SMOKE_VALUES if a.smoke else DEMO_VALUES)
     elif a.smoke and values is None and a.rows is None:
         raise ValueError("--smoke runs 2 trials: with --table also give --values or --rows")
-    return plan_table(table, a.preset, values=values, rows=a.rows, seeds=seeds, overrides=fixed)
+    return plan_table(table, a.preset, values=values, rows=a.rows, seeds=seeds, overrides=fixed, config=config)
 
 
 def make_sweep_config(a):
-    from pipeline.sweep import DEFAULT_EXPERIMENT, SweepConfig
+    """The SweepConfig of the arguments: where results go, how long and on what each trial trains."""
+    from pipeline.ablation import DEFAULT_EXPERIMENT, SweepConfig
+    from pipeline.training import is_tiny
 
     if a.data == "synthetic":
         data = {}
@@ -175,7 +176,7 @@ def make_sweep_config(a):
     data.update(_key_values(a.data_set, "--data-set"))
     if a.iterations is not None and a.schedule is not None:
         raise ValueError("give either --iterations or --schedule, not both")
-    tiny = a.preset == "tiny" or a.preset.endswith("_tiny")
+    tiny = is_tiny(a.preset)
     iterations = a.iterations
     if iterations is None and a.schedule is None and (tiny or a.smoke):
         iterations = SMOKE_ITERATIONS if a.smoke else DEMO_ITERATIONS
@@ -189,44 +190,47 @@ def make_sweep_config(a):
     cpus = a.cpus_per_worker
     if cpus is None and a.table is None and a.space is None and not a.smoke and a.device != "gpu":
         cpus = DEMO_CPUS_PER_WORKER
-    if a.storage_path and "://" not in a.storage_path and not os.path.isabs(a.storage_path):
-        a.storage_path = os.path.abspath(a.storage_path)
-    return SweepConfig(name=a.name, storage_path=a.storage_path, mlflow_uri=a.mlflow_uri,
-                       experiment=a.experiment or DEFAULT_EXPERIMENT, iterations=iterations, schedule=a.schedule,
-                       data=data, train=train,
-                       device=a.device, workers_per_trial=a.workers_per_trial, cpus_per_worker=cpus,
-                       batch_per_worker=batch, accelerator_type=a.accelerator_type,
-                       max_concurrent_trials=a.max_concurrent_trials, max_failures=a.max_failures, asha=a.asha,
-                       asha_grace_period=a.asha_grace, eval_period=a.eval_period, log_model=a.log_model,
-                       verbose=0 if a.quiet else 1)
+    config = SweepConfig(name=a.name, storage_path=a.storage_path, mlflow_uri=a.mlflow_uri,
+                         experiment=a.experiment or DEFAULT_EXPERIMENT, iterations=iterations, schedule=a.schedule,
+                         data=data, train=train, amp=a.amp, device=a.device, workers_per_trial=a.workers_per_trial,
+                         cpus_per_worker=cpus, batch_per_worker=batch, accelerator_type=a.accelerator_type,
+                         max_concurrent_trials=a.max_concurrent_trials, max_failures=a.max_failures, asha=a.asha,
+                         asha_grace_period=a.asha_grace, eval_period=a.eval_period, log_model=a.log_model,
+                         verbose=0 if a.quiet else 1)
+    return config.resolve_paths()
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    from pipeline import sweep as sw
+    from pipeline.ablation import describe
 
     try:
-        plan = make_plan(a)
-        cfg = sw.resolve_paths(make_sweep_config(a))
-        if a.resume and not a.name:
-            latest = sw.find_latest_sweep(cfg.storage_path)
-            if latest is None:
-                raise ValueError(f"--resume: no sweep found under {cfg.storage_path}; give --name")
-            cfg.name = latest
-            print(f"[sweep] resuming the latest sweep: {latest}")
-        name = cfg.name or sw.default_sweep_name(plan, a.preset)
+        config = make_sweep_config(a)
         if a.dry_run:
-            from pipeline.resources import resolve_device
-
-            device = resolve_device(cfg.device, {}) if cfg.device == "auto" else cfg.device
-            jobs = sw.plan_jobs(plan, cfg, name, device)
-            print(sw.describe(plan, jobs, cfg, name, device))
+            plan = make_plan(a, config)
+            print(describe(plan))
             if a.json:
-                print(json.dumps([j.to_dict(plan) for j in jobs]))
+                print(json.dumps([t.to_dict() for t in plan.trials]))
             return 0
-        cfg.name = name
-        prepared = sw.prepare_sweep(plan, cfg, resume=a.resume, preset_name=a.preset)
+        from pipeline.ablation import sweep
+
+        if a.resume and not a.name:
+            latest = sweep.find_latest_sweep(config.storage_path)
+            if latest is None:
+                raise ValueError(f"--resume: no sweep found under {config.storage_path}; give --name")
+            config = config.replace(name=latest)
+            print(f"[sweep] resuming the latest sweep: {latest}")
+        plan = sweep.load_plan(config)  # a sweep of that name ran before: it resumes as planned then
+        if plan is None:
+            if a.resume:
+                raise FileNotFoundError(f"nothing to resume: no sweep named {config.name!r} under "
+                                        f"{config.storage_path}")
+            plan = make_plan(a, config)
+        else:
+            print(f"[sweep] {plan.name}: resuming the stored plan ({plan.title}, {len(plan.trials)} trials); "
+                  "the table/values given now are ignored")
+        sweep.check_data(plan)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
 
@@ -234,12 +238,12 @@ def main(argv=None) -> int:
 
     started_here = not ray.is_initialized()
     t0 = time.perf_counter()
-    result = sw.execute_sweep(prepared)
+    result = sweep.run_sweep(plan)
     if started_here:
         # Workers' log lines still in flight would otherwise land after the table.
         time.sleep(1.0)
         ray.shutdown()
-    print(sw.format_summary(result))
+    print(sweep.format_summary(result))
     print(f"total wall time {time.perf_counter() - t0:.0f} s")
     if a.json:
         print(result.table.to_json(orient="records"))

@@ -28,8 +28,8 @@ def test_table4_is_k_3_to_19_on_atss():
     assert {t.preset for t in plan.trials} == {"atss_tiny"}
     assert plan.varied == ("topk",)
     assert [t.paper["AP"] for t in plan.trials] == [38.0, 38.8, 39.1, 39.3, 39.1, 39.0, 39.1, 39.2, 38.9]
-    # everything but k is the preset
-    base = get_preset("atss_tiny").to_dict()
+    # everything but k is the preset (with the synthetic data's 5 categories)
+    base = get_preset("atss_tiny", num_classes=5).to_dict()
     for t in plan.trials:
         diff = {k for k, v in t.detector.to_dict().items() if v != base[k]}
         assert diff <= {"topk"}
@@ -49,7 +49,7 @@ def test_table7_anchor_counts_and_assigners():
     assert second.reg_loss == "giou"
     # the last row is exactly the final ATSS model (same numbers as Table 5's 8S row)
     last = plan.trials[-1]
-    atss = get_preset("atss_tiny")
+    atss = get_preset("atss_tiny", num_classes=5)
     assert {k: v for k, v in last.detector.to_dict().items() if v != atss.to_dict()[k]} == {}
     assert last.paper == ab.get_table("anchor_scale").row("8S").paper
 
@@ -117,7 +117,7 @@ def test_values_rows_and_seeds():
     (lambda: ab.plan_table("k7"), "unknown table 'k7'"),
     (lambda: ab.plan_table("k", values="5,x"), "bad value 'x' for 'topk'"),
     (lambda: ab.plan_table("k", values="9..3"), "empty range"),
-    (lambda: ab.plan_table("k", values="0"), "topk=0 must be >= 1"),
+    (lambda: ab.plan_table("k", values="0"), "topk=0: expected an int >= 1"),
     (lambda: ab.plan_table("anchor_scale", values="6,big"), "'big' is not a number"),
     (lambda: ab.plan_table("inconsistencies", values="1"), "no single swept field"),
     (lambda: ab.plan_table("k", rows="12"), "rows 1..9"),
@@ -234,10 +234,13 @@ def test_dry_run_json_lists_full_configs(tmp_path, cli):
     assert out.returncode == 0, out.stderr
     trials = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(trials) == 6
-    assert [t["detector_config"]["scales_per_octave"] * len(t["detector_config"]["aspect_ratios"])
+    assert [t["train"]["detector"]["scales_per_octave"] * len(t["train"]["detector"]["aspect_ratios"])
             for t in trials] == [9, 9, 9, 3, 3, 1]
-    assert set(trials[0]["detector_config"]) == set(get_preset("tiny").to_dict())
+    assert set(trials[0]["train"]["detector"]) == set(get_preset("tiny").to_dict())
     assert trials[0]["resources"]["num_workers"] == 1
+    # the plan is what trains: the detector has the synthetic data's 5 categories, not COCO's 80
+    assert {t["train"]["detector"]["num_classes"] for t in trials} == {5}
+    assert [ab.TrialConfig.from_dict(t).to_dict() for t in trials] == trials  # what Tune carries round-trips
     assert "RetinaNet (#A=9)" in out.stdout
     assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlflow.db").exists()
 
@@ -249,7 +252,7 @@ def test_dry_run_default_is_the_demo_and_gpu_plans_come_from_the_backbone(tmp_pa
     out = cli("--table", "backbone", "--device", "gpu", "--dry-run", "--json")
     trials = json.loads(out.stdout.strip().splitlines()[-1])
     assert [t["resources"]["num_workers"] for t in trials] == [1, 8, 8, 8, 8, 8]
-    assert trials[3]["resources"]["resources_per_worker"]["GPU"] == 1
+    assert ab.TrialConfig.from_dict(trials[3]).resources.resources_per_worker()["GPU"] == 1
 
 
 @pytest.mark.parametrize("args, message", [

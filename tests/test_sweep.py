@@ -41,6 +41,13 @@ def test_two_trial_sweep_tracks_tables_and_restores(ray_cluster, tmp_path, monke
     assert "| k=9 | ours |" in (results / "results.md").read_text()
     assert (results / "ap.png").read_bytes()[:4] == b"\x89PNG"
 
+    # Tune's ResultGrid carries each trial's real config: the swept field is a column
+    from ray import tune
+
+    grid = tune.ResultGrid(tune.ExperimentAnalysis(str(tmp_path / "rr" / "smoke"))).get_dataframe()
+    assert sorted(grid["config/train/detector/topk"]) == [5, 9]
+    assert set(grid["config/train/detector/num_classes"]) == {5}
+
     # MLflow: a parent per sweep, a child per trial with the varied param and the table's tags
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("ablation-test")
@@ -69,15 +76,15 @@ def test_two_trial_sweep_tracks_tables_and_restores(ray_cluster, tmp_path, monke
 
 def test_sweep_store_local_and_uri(tmp_path):
     """Plan/state/results files live under <storage>/<name>/ablation on a path or a pyarrow URI."""
-    from pipeline.sweep import STATE_FILE, SweepConfig, SweepStore, find_latest_sweep, load_state
+    from pipeline.ablation.sweep import STATE_FILE, find_latest_sweep, load_state, sweep_store
 
     for storage in (str(tmp_path / "local"), (tmp_path / "uri").as_uri()):
         assert find_latest_sweep(storage) is None
         for name in ("first", "second"):
-            store = SweepStore(storage, name)
+            store = sweep_store(storage, name)
             assert store.read_text(STATE_FILE) is None
             where = store.write_text(STATE_FILE, '{"name": "%s"}' % name)
             assert where.endswith(f"/{name}/ablation/{STATE_FILE}")
-        assert load_state(SweepConfig(storage_path=storage), "first") == {"name": "first"}
+        assert load_state(storage, "first") == {"name": "first"}
         assert find_latest_sweep(storage) == "second"
     assert (tmp_path / "uri" / "second" / "ablation" / STATE_FILE).is_file()

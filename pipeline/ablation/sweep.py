@@ -1,0 +1,395 @@
+"""Run a :class:`~pipeline.ablation.plan.SweepPlan` as a Ray Tune sweep over Ray Train trainings.
+
+The Ray Train V2 pattern (RAY_NOTES section 2): every Tune trial is a small function
+(:func:`run_trial`) that fits a ``TorchTrainer`` for its :class:`TrialConfig`; rank 0's
+``ray.train.report`` calls reach Tune through ``TuneReportCallback`` (so Tune sees the validation AP
+of every evaluation and ASHA can stop a trial on it). Tune itself only reserves a token of the head
+node per trial: the Train workers' CPUs/GPUs are reserved by Ray Train's own placement group, so
+concurrency is bounded with ``max_concurrent_trials``.
+
+Tune's ``param_space`` holds the swept hyperparameters as Tune domains at their place in the trial
+config (``train/detector/topk``, and ``train/seed`` over several seeds), so Tune's progress table
+and ``ResultGrid`` show them as columns; :class:`PlannedTrials` then suggests each planned trial's
+whole config (``TrialConfig.to_dict()``), in plan order, so exactly the planned trials run.
+
+MLflow: one parent run per sweep (tags ``ablation.table``, ``ablation.varied``, ``ablation.sweep``)
+and one child run per trial, both through :func:`pipeline.tracking.run_lifecycle`; rank 0 of the
+training logs params, metrics and artifacts into the child. The results table (Markdown, Parquet),
+the AP plot and the plan go to the parent when the sweep ends.
+
+Layout under ``<storage_path>/<sweep name>/`` (a local path or a URI such as ``s3://bucket/prefix``):
+Tune's experiment state, ``ablation/`` (the plan, the sweep state, the results) and
+``trials/<trial>/`` (each trial's Ray Train run with its checkpoints). Running the same sweep name
+again restores it with ``Tuner.restore``: finished trials keep their results, unfinished and errored
+ones start again and their training resumes from its latest checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import ray
+from mlflow import MlflowClient
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import Searcher
+
+from pipeline import tracking
+from pipeline.evaluation import METRIC_KEYS
+from pipeline.resources import resolve_device
+from pipeline.training import Store, build_trainer, check_data_paths, connect_ray, tracked_training, worker_error
+
+from .plan import SweepConfig, SweepPlan, TrialConfig
+from .report import format_table, plot_results, results_frame, summarize_seeds
+from .space import unique
+
+PLAN_FILE = "plan.json"
+STATE_FILE = "sweep.json"
+# Environment Ray Train needs in every trial (RAY_NOTES sections 0 and 6): a 0.2 s health check
+# makes each report() cost 0.2 s instead of 2 s; the print patch doubles worker output.
+RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+# ---------------------------------------------------------------------------------------------
+# the sweep's own files
+# ---------------------------------------------------------------------------------------------
+def sweep_store(storage_path: str, name: str) -> Store:
+    """``<storage_path>/<name>/ablation/``: the plan, the sweep state and the results."""
+    return Store(storage_path, name, "ablation")
+
+
+def load_state(storage_path: str, name: str) -> Optional[dict]:
+    return sweep_store(storage_path, name).read_json(STATE_FILE)
+
+
+def load_plan(config: SweepConfig) -> Optional[SweepPlan]:
+    """The stored plan of the sweep ``config.name`` (None when no such sweep ran), with this
+    invocation's ``verbose`` and, when given, ``max_concurrent_trials``."""
+    config = config.resolve_paths()
+    if config.name is None or load_state(config.storage_path, config.name) is None:
+        return None
+    plan = SweepPlan.from_dict(sweep_store(config.storage_path, config.name).read_json(PLAN_FILE))
+    changes: dict[str, Any] = {"verbose": config.verbose}
+    if config.max_concurrent_trials:
+        changes["max_concurrent_trials"] = config.max_concurrent_trials
+    return dataclasses.replace(plan, config=plan.config.replace(**changes))
+
+
+def find_latest_sweep(storage_path: str) -> Optional[str]:
+    """Name of the most recently saved sweep under ``storage_path`` (None if none)."""
+    found = []
+    for entry in Store(storage_path).list():
+        if entry.is_dir:
+            state = Store(storage_path, entry.name, "ablation").list()
+            found += [(e.mtime_ns, entry.name) for e in state if e.name == STATE_FILE]
+    return max(found)[1] if found else None
+
+
+# ---------------------------------------------------------------------------------------------
+# the Tune boundary
+# ---------------------------------------------------------------------------------------------
+def param_space(plan: SweepPlan) -> dict[str, Any]:
+    """The swept hyperparameters as Tune domains at their place in the trial config."""
+    configs = [t.to_dict() for t in plan.trials]
+    detector = {f: tune.choice(unique([c["train"]["detector"][f] for c in configs])) for f in plan.varied}
+    train: dict[str, Any] = {"detector": detector} if detector else {}
+    if len(plan.seeds) > 1:
+        train["seed"] = tune.choice(plan.seeds)
+    return {"train": train} if train else {}
+
+
+class PlannedTrials(Searcher):
+    """A Tune searcher that suggests each planned trial's whole config once, in plan order, then finishes.
+
+    The domains in ``param_space`` only name the columns Tune shows; the plan fixes every value."""
+
+    def __init__(self, plan: SweepPlan):
+        super().__init__()
+        self.configs = [t.to_dict() for t in plan.trials]
+        self.next = 0
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True
+
+    def suggest(self, trial_id: str) -> Optional[dict]:
+        if self.next >= len(self.configs):
+            return Searcher.FINISHED
+        self.next += 1
+        return self.configs[self.next - 1]
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        pass
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "w") as f:
+            json.dump({"next": self.next}, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path) as f:
+            self.next = json.load(f)["next"]
+
+
+def run_trial(config: dict, max_failures: int = 0, accelerator_type: Optional[str] = None) -> None:
+    """Tune function trainable: train the trial ``config`` (a :meth:`TrialConfig.to_dict`) on its
+    own ``TorchTrainer``.
+
+    Its MLflow child run is started (or re-attached after a restore) before any worker starts, so
+    a trial whose workers never come up is still visible, and ends FAILED with the worker's error.
+    """
+    trial = TrialConfig.from_dict(config)
+    res = trial.resources
+    scaling = {"placement_strategy": res.scaling_config_kwargs()["placement_strategy"]}
+    if accelerator_type:
+        scaling["accelerator_type"] = accelerator_type
+    with tracked_training(trial.train, trial.run_label, clear_tags=("ablation.stopped",)) as train:
+        trainer = build_trainer(train, res.num_workers, res.use_gpu, res.resources_per_worker(), max_failures,
+                                [TuneReportCallback()], scaling)
+        try:
+            trainer.fit()
+        except BaseException as e:
+            cause = worker_error(e)
+            if cause is not e and isinstance(cause, Exception):
+                raise cause from e  # the worker's own error, not Ray's wrapper
+            raise
+
+
+# ---------------------------------------------------------------------------------------------
+# the sweep
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class SweepResult:
+    name: str
+    plan: SweepPlan
+    table: Any  # pandas DataFrame, one row per trial (results_frame)
+    markdown: str
+    paths: dict  # "markdown", "parquet", "plot", "plan" -> where they are (local path or storage URI)
+    parent_run_id: str
+    tracking_uri: str
+    experiment: str
+    wall_s: float
+
+    @property
+    def ui_command(self) -> str:
+        return tracking.ui_command(self.tracking_uri)
+
+
+def check_data(plan: SweepPlan) -> None:
+    """The trials' data exists (a synthetic set is generated here, once, instead of by racing trials)."""
+    checked = []
+    for trial in plan.trials:
+        if trial.train.data not in checked:
+            check_data_paths(trial.train)
+            checked.append(trial.train.data)
+
+
+def run_sweep(plan: SweepPlan, say=print) -> SweepResult:
+    """Start (or attach to) Ray, run (or resume) the plan's trials, write and log the results."""
+    t0 = time.perf_counter()
+    cfg, name = plan.config, plan.name
+    store = sweep_store(cfg.storage_path, name)
+    state = store.read_json(STATE_FILE)
+    _ensure_ray(cfg.verbose > 0)
+    cluster = resolve_device("auto")
+    if cluster != plan.device and not os.environ.get("ATSS_TRIAL_DEVICE"):
+        say(f"[sweep] note: the trials are planned for {plan.device.upper()} workers but this cluster has "
+            f"{'GPUs' if cluster == 'gpu' else 'no GPUs'}; --device {cluster} plans for it")
+    parent = tracking.TrackingConfig(cfg.mlflow_uri, cfg.experiment, run_id=state and state["parent_run_id"])
+    tags = {"ablation.table": plan.table, "ablation.varied": ",".join(plan.varied), "ablation.sweep": name,
+            "ablation.role": "sweep", "mlflow.note.content": f"{plan.title}. {plan.notes}".strip()}
+    with tracking.run_lifecycle(parent, name, tags=tags, clear_tags=("ablation.unfinished",)) as run:
+        if state is None:
+            tracking.log_params(run.run_id, {
+                "table": plan.table, "trials": len(plan.trials), "varied": ",".join(plan.varied),
+                "preset": plan.trials[0].preset, "seeds": ",".join(map(str, plan.seeds)), "device": plan.device,
+                **{f"sweep.{k}": v for k, v in tracking.flatten_config(
+                    {k: v for k, v in cfg.to_dict().items() if k not in ("name", "verbose")}).items()}},
+                cfg.mlflow_uri)
+            plan = plan.with_parent_run(run.run_id)
+            store.write_json(PLAN_FILE, plan.to_dict())
+            store.write_json(STATE_FILE, {"name": name, "parent_run_id": run.run_id, "device": plan.device,
+                                          "tracking_uri": cfg.mlflow_uri})
+        client = MlflowClient(cfg.mlflow_uri)
+        client.log_artifact(run.run_id, str(store.staging(PLAN_FILE)), "ablation")
+        grid = _fit(plan, restore=state is not None, say=say)
+        results = _collect(grid, plan, _tune_statuses(Store(cfg.storage_path, name).uri))
+        _close_children(cfg, run.run_id)
+        df, markdown, paths = _write_results(plan, results, store, client, run.run_id)
+        finished, failed = df[df["status"] == "done"], df[df["status"] == "error"]
+        if len(finished):
+            best = finished.loc[finished["AP"].idxmax()]
+            tracking.log_metrics(run.run_id, {"best_AP": best["AP"], "trials_done": len(finished),
+                                              "trials_failed": len(failed)}, 0, cfg.mlflow_uri)
+            client.set_tag(run.run_id, "ablation.best_row", str(best["label"]))
+        unfinished = df[df["status"].isin(("missing", "interrupted"))]
+        if len(unfinished):
+            # Tune was interrupted (Ctrl-C, a lost driver): its state is saved; the same name resumes.
+            client.set_tag(run.run_id, "ablation.unfinished", str(len(unfinished)))
+            client.set_terminated(run.run_id, "KILLED")
+            say(f"[sweep] {len(unfinished)} trial(s) did not finish; resume with the same sweep name: "
+                f"--name {name} --storage-path {cfg.storage_path}")
+        elif len(failed) == len(df):
+            run.fail(f"all {len(df)} trials failed; first: {failed['error'].iloc[0]}")
+    return SweepResult(name, plan, df, markdown, paths, run.run_id, cfg.mlflow_uri, cfg.experiment,
+                       time.perf_counter() - t0)
+
+
+def _write_results(plan: SweepPlan, results: dict[int, dict], store: Store, client, run_id: str):
+    """The results frame, its Markdown, Parquet and plot (and the seed means), logged to the parent."""
+    df = results_frame(plan, results)
+    markdown = format_table(plan, df)
+    files = {"markdown": "results.md", "parquet": "results.parquet", "plot": "ap.png"}
+    store.staging("results.md").write_text(markdown)
+    df.to_parquet(store.staging("results.parquet"), index=False)
+    plot_results(plan, df, store.staging("ap.png"))
+    if len(plan.seeds) > 1:
+        files["summary"] = "results_mean.parquet"
+        summarize_seeds(df).to_parquet(store.staging(files["summary"]), index=False)
+    paths = {"plan": store.location(PLAN_FILE)}
+    for key, filename in files.items():
+        client.log_artifact(run_id, str(store.staging(filename)), "ablation")
+        paths[key] = store.publish(filename)
+    return df, markdown, paths
+
+
+def _ensure_ray(verbose: bool) -> None:
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        # An existing cluster (``ray job submit`` sets RAY_ADDRESS): the job's runtime env applies;
+        # the trials' trainers set RAY_ENV themselves.
+        connect_ray()
+        return
+    for k, v in RAY_ENV.items():
+        os.environ.setdefault(k, v)
+    # Concurrent trials print similar lines; Ray's deduplication would fold them into one.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    env = {k: os.environ[k] for k in RAY_ENV}
+    # Ray Train's placement-group cleaner (which frees the resources of a trial that ASHA stops)
+    # finds its cluster through RAY_ADDRESS, else by scanning this machine's processes, which
+    # fails when another Ray cluster runs here too. A local cluster on a port we choose can tell
+    # every worker its address up front.
+    port = os.environ.get("RAY_GCS_SERVER_PORT") or str(_free_port())
+    env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    previous = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = port
+    try:
+        ray.init(runtime_env={"env_vars": env}, log_to_driver=verbose, configure_logging=True,
+                 logging_level="warning")
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _max_concurrent(plan: SweepPlan) -> Optional[int]:
+    if plan.config.max_concurrent_trials is not None:
+        return plan.config.max_concurrent_trials
+    if plan.device == "gpu":
+        return None
+    cpus = ray.cluster_resources().get("CPU", 1)
+    need = max(t.resources.num_workers * t.resources.cpus_per_worker for t in plan.trials)
+    return max(1, int(cpus // need))
+
+
+def _fit(plan: SweepPlan, restore: bool, say):
+    cfg, name = plan.config, plan.name
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, max_failures=cfg.max_failures, accelerator_type=cfg.accelerator_type),
+        plan.trials[0].resources.trial_resources())
+    path = Store(cfg.storage_path, name).uri
+    if restore and tune.Tuner.can_restore(path):
+        say(f"[sweep] restoring {name} from {path}: finished trials keep their results, the others resume")
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True).fit()
+    scheduler = None
+    if cfg.asha:
+        max_t = max(t.train.max_iter for t in plan.trials)
+        grace = cfg.asha_grace_period or min(t.train.eval_period or max_t for t in plan.trials)
+        # time_attr is the training iteration inside the reports; stop_last_trials=False lets a
+        # trial that reaches the end finish (and close its MLflow run) instead of being killed.
+        scheduler = ASHAScheduler(time_attr="iteration", metric="AP", mode="max", max_t=max_t, grace_period=grace,
+                                  reduction_factor=cfg.asha_reduction_factor, stop_last_trials=False)
+    concurrent = _max_concurrent(plan)
+    say(f"[sweep] {name}: {len(plan.trials)} trials, {concurrent or 'unbounded'} at a time; results in {path}")
+    # No metric/mode on the Tuner: the table's "current best trial" line would print a whole trial
+    # config; the results table names the best row instead.
+    tuner = tune.Tuner(
+        trainable, param_space=param_space(plan),
+        tune_config=tune.TuneConfig(search_alg=PlannedTrials(plan), num_samples=len(plan.trials),
+                                    scheduler=scheduler, max_concurrent_trials=concurrent, reuse_actors=False),
+        run_config=tune.RunConfig(name=name, storage_path=cfg.storage_path, verbose=cfg.verbose,
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+    return tuner.fit()
+
+
+def _tune_statuses(path: str) -> dict[str, str]:
+    """Trial name -> Tune's saved status: TERMINATED (finished or stopped by the scheduler), ERROR,
+    or PENDING/RUNNING for trials cut short by an interruption. Read from the experiment state on
+    disk, which Tune saves before it stops the trials of an interrupted sweep (in memory they then
+    look TERMINATED)."""
+    try:
+        trials = tune.ExperimentAnalysis(path).trials
+    except Exception:  # noqa: BLE001 - no state to read: treat every trial as Tune reported it
+        return {}
+    return {t.config.get("name"): t.status for t in trials if isinstance(getattr(t, "config", None), dict)}
+
+
+def _collect(grid, plan: SweepPlan, statuses: Mapping[str, str]) -> dict[int, dict]:
+    """Trial index -> its last reported metrics + status/error (ResultGrid rows have no checkpoint)."""
+    by_name = {t.name: t for t in plan.trials}
+    out: dict[int, dict] = {}
+    for result in grid:
+        name = (result.config or {}).get("name")
+        trial = by_name.get(name)
+        if trial is None:
+            continue
+        metrics = dict(result.metrics or {})
+        iterations = metrics.get("iteration")
+        if result.error is not None:
+            status, error = "error", f"{type(result.error).__name__}: {result.error}".splitlines()[0][:300]
+        elif statuses.get(name, "TERMINATED") not in ("TERMINATED", "ERROR"):
+            status, error = "interrupted", ""  # the sweep was stopped (Ctrl-C); its name resumes it
+        elif iterations is not None and iterations < trial.train.max_iter:
+            status, error = f"stopped at {iterations}", ""
+        elif any(m in metrics for m in METRIC_KEYS):
+            status, error = "done", ""
+        else:
+            status, error = "missing", "no metrics reported"
+        out[trial.index] = {**{m: metrics.get(m) for m in METRIC_KEYS}, "status": status, "error": error,
+                            "iterations": iterations}
+    return out
+
+
+def _close_children(cfg: SweepConfig, parent_run_id: str) -> None:
+    """Child runs left RUNNING (a trial stopped by ASHA is killed mid-run) end KILLED."""
+    client = MlflowClient(cfg.mlflow_uri)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    runs = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' "
+                                                   "and attributes.status = 'RUNNING'")
+    for run in runs:
+        client.set_tag(run.info.run_id, "ablation.stopped", "early stop by the Tune scheduler or sweep end")
+        client.set_terminated(run.info.run_id, "KILLED")
+
+
+def format_summary(res: SweepResult) -> str:
+    """What the job prints at the end: the table, where it went, how to open MLflow."""
+    lines = ["", res.markdown,
+             f"sweep {res.name} finished in {res.wall_s / 60:.1f} min",
+             f"  Markdown: {res.paths['markdown']}", f"  Parquet:  {res.paths['parquet']}",
+             f"  plot:     {res.paths['plot']}",
+             f"  MLflow:   experiment {res.experiment!r}, parent run {res.parent_run_id} (one child run per trial)",
+             f"  open the MLflow UI with:  {res.ui_command}"]
+    return "\n".join(lines)
