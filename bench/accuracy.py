@@ -6,7 +6,7 @@ centerness, per-level scalar) but max-IoU assignment (37.0 AP), the same with AT
 (39.3), and FCOS's spatial & scale assignment with point regression (37.8). This script trains
 those detectors (the ``tiny`` CPU presets) with one fixed seed, on the same synthetic COCO-format
 data, for the same iterations with the same schedule, through the project's training loop
-(``pipeline.train.run_training(cfg, num_workers=0)``, in-process, no Ray, no MLflow), then
+(``pipeline.training.run_training(cfg, num_workers=0)``, in-process, no Ray, no MLflow), then
 reports the COCO AP of each on the synthetic val split (``pipeline.evaluation.evaluate_coco``)
 and whether the paper's ordering ATSS > FCOS > RetinaNet (#A=1) holds.
 
@@ -22,7 +22,6 @@ differ by more than the paper's 1-2 AP gaps.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -39,7 +38,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.train import TrainConfig, run_training  # noqa: E402
+from pipeline.training import TrainConfig, build_train_config, run_training  # noqa: E402
 from pipeline.verdict import Claim, Ordering, judge  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -59,24 +58,17 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 def train_config(model: str, seed: int, args, storage: str) -> TrainConfig:
     preset, overrides, _, _ = MODELS[model]
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    extra = {}
-    if "mlflow_enabled" in fields:
-        extra["mlflow_enabled"] = False
-    else:  # older loop: keep its MLflow store out of the working directory
-        extra["mlflow_uri"] = f"sqlite:///{storage}/mlflow.db"
-    if "torch_threads" in fields:
-        extra["torch_threads"] = args.threads
     data = {"synthetic_train_images": args.train_images, "synthetic_val_images": args.val_images}
     if args.cache_dir:
         data["cache_dir"] = args.cache_dir
     if args.image_size:
         data.update(train_min_size=args.image_size, test_min_size=args.image_size, max_size=args.image_size * 8 // 5)
-    return TrainConfig(
+    return build_train_config(
         preset=preset, detector=dict(overrides), data=data, batch_size=args.batch, schedule=None,
         iterations=args.iterations, base_lr=args.base_lr, seed=seed, log_period=args.log_period,
         checkpoint_period=0, checkpoints_to_keep=1, eval_at_end=True, eval_batch_size=args.eval_batch,
-        storage_path=storage, run_name=f"{model}_seed{seed}", log_model=False, **extra)
+        storage_path=storage, run_name=f"{model}_seed{seed}", log_model=False, mlflow_enabled=False,
+        torch_threads=args.threads)
 
 
 def run_one(model: str, seed: int, args, storage: str) -> dict:

@@ -1,6 +1,6 @@
 """Training-loop throughput: plain process vs Ray Train workers, and (``--full``) R-50 on a GPU.
 
-Default (CPU, a few minutes on 2 cores): the real training loop (``pipeline.train``: data loading,
+Default (CPU, a few minutes on 2 cores): the real training loop (``pipeline.training``: data loading,
 forward, losses with all-reduced normalisers, backward, SGD, logging) of the ``tiny`` preset on
 synthetic data, run the same number of iterations as
 
@@ -50,17 +50,17 @@ CPU_DATA = dict(synthetic_train_images=64, synthetic_val_images=8)
 # CPU: plain vs Ray
 # ----------------------------------------------------------------------------------------------
 def _cfg(storage: str, name: str, iterations: int, batch: int, threads: int):
-    from pipeline.train import TrainConfig
+    from pipeline.training import build_train_config
 
-    return TrainConfig(preset="tiny", batch_size=batch, iterations=iterations, log_period=0, checkpoint_period=0,
-                       eval_at_end=False, mlflow_enabled=False, storage_path=storage, run_name=name,
-                       torch_threads=threads, data=dict(CPU_DATA))
+    return build_train_config(preset="tiny", batch_size=batch, iterations=iterations, log_period=0,
+                              checkpoint_period=0, eval_at_end=False, mlflow_enabled=False, storage_path=storage,
+                              run_name=name, torch_threads=threads, data=dict(CPU_DATA))
 
 
 def cpu_scaling(iterations: int, batch: int) -> list[dict]:
     import ray
 
-    from pipeline.train import run_training
+    from pipeline.training import run_training
 
     storage = tempfile.mkdtemp(prefix="atss_scaling_")
     plans = [("plain-1t", 0, 1, None), ("ray-1w", 1, 1, {"CPU": 1}), ("plain-2t", 0, 2, None),
@@ -129,14 +129,14 @@ def _instrument(model, sync):
     model.compute_losses = wrap(model.compute_losses, "atss/losses_incl_assign")
 
 
-def profile_step(preset: str, data: dict, batch: int, steps: int, device: str, amp: bool) -> dict:
+def profile_step(preset: str, data: dict, batch: int, steps: int, device: str, amp: str | None) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from detector import build_detector
     from pipeline.data import DataConfig, build_dataloader
     from pipeline.optim import WarmupMultiStepLR, build_optimizer, resolve_schedule
-    from pipeline.train import _to_device, train_step
+    from pipeline.training.loop import to_device, train_step
 
     base = DataConfig.tiny() if preset == "tiny" else DataConfig()
     data_cfg = base.replace(**data)
@@ -155,7 +155,7 @@ def profile_step(preset: str, data: dict, batch: int, steps: int, device: str, a
     def step(i):
         with record_function("step"):
             with record_function("data"):
-                images, targets = _to_device(*next(it), torch.device(device))
+                images, targets = to_device(*next(it), torch.device(device))
                 sync()
             train_step(model, opt, lr, images, targets, i, amp=amp)
             sync()
@@ -189,7 +189,7 @@ def gpu_precision(batch: int, steps: int) -> list[dict]:
 
     from detector import build_detector, get_preset
     from pipeline.optim import WarmupMultiStepLR, build_optimizer, resolve_schedule
-    from pipeline.train import train_step
+    from pipeline.training import train_step
 
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, 800, 1344, generator=g).cuda()
@@ -200,7 +200,7 @@ def gpu_precision(batch: int, steps: int) -> list[dict]:
         wh = 16 + torch.rand(n, 2, generator=g) * 300
         targets.append({"boxes": torch.cat([xy, xy + wh], 1).cuda(), "labels": torch.randint(1, 81, (n,)).cuda()})
     rows = []
-    for amp in (False, True):
+    for amp in (None, "bf16"):
         torch.manual_seed(0)
         model = build_detector(get_preset("atss_r50")).cuda().train()
         sched = resolve_schedule(batch, None, iterations=1000, warmup_iters=0)
@@ -247,7 +247,7 @@ def main() -> int:
             return 2
         out["precision"] = gpu_precision(8, args.steps)
         out["profile"] = profile_step("atss_r50", {"train_min_size": 800, "max_size": 1333, "num_workers": 4},
-                                      8, args.steps, "cuda", amp=True)
+                                      8, args.steps, "cuda", amp="bf16")
     else:
         print(f"training loop, tiny preset, synthetic data, global batch {args.batch}, "
               f"{args.iterations} iterations per configuration ({os.cpu_count()} cores, "
@@ -258,7 +258,7 @@ def main() -> int:
         import torch
 
         torch.set_num_threads(min(2, os.cpu_count() or 1))
-        out["profile"] = profile_step("tiny", dict(CPU_DATA), args.batch, args.steps, "cpu", amp=False)
+        out["profile"] = profile_step("tiny", dict(CPU_DATA), args.batch, args.steps, "cpu", amp=None)
     if args.json:
         print(json.dumps(out, default=float))
     return 0

@@ -9,7 +9,8 @@
 Re-running with the same ``--name`` (and storage path) resumes that run from its latest
 checkpoint; ``--resume`` additionally makes "nothing to resume" an error. ``--batch-size`` is the
 global batch; LR and a named schedule follow the linear scaling rule from 0.01 at 16 images (the log
-says what was applied). ``--workers 0`` trains in this process without Ray.
+says what was applied). ``--workers 0`` trains in this process without Ray. Training runs in fp32
+(as the paper); ``--amp bf16`` opts into bf16 autocast for the training steps (evaluation stays fp32).
 
 Defaults: ``MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db``; checkpoints in ``<cwd>/ray_results``.
 Under ``ray job submit`` the cwd is a temporary copy of the working dir, so pass ``--storage-path``
@@ -31,6 +32,9 @@ sys.path.insert(0, str(REPO))
 # inherit it): idle OpenMP threads sleep instead of spinning. With the default (active) policy a
 # multi-threaded CPU process on a busy 2-core machine runs ~8x slower (docs/training.md, Throughput).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from pipeline.training import (TrainConfig, build_train_config, check_data_paths, check_settings,  # noqa: E402
+                               check_workers, is_tiny, run_training)
 
 # What the default (no-argument) run uses on a CPU box; bench/scaling.py and docs/training.md have
 # the numbers. Two 1-CPU workers (one torch thread each): a multi-threaded worker on a busy machine
@@ -61,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     m = ap.add_argument_group("model and data")
-    m.add_argument("--config", help="a TrainConfig as a YAML/JSON file; the flags below override it")
+    m.add_argument("--config", help="training settings (build_train_config's keywords) as a YAML/JSON file; "
+                                    "the flags below override it")
     m.add_argument("--preset", help="detector preset (default tiny): atss_r50, retinanet_r50, fcos_r50, tiny, ...")
     m.add_argument("--detector", action="append", metavar="KEY=VALUE",
                    help="DetectorConfig override, e.g. --detector topk=5 (repeatable)")
@@ -78,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--no-lr-scaling", action="store_true", help="use --base-lr as is, whatever the batch")
     o.add_argument("--warmup-iters", type=int, help="constant 1/3 warm-up length (default: 500 scaled)")
     o.add_argument("--max-grad-norm", type=float, help="clip gradients to this norm (paper: no clipping)")
-    o.add_argument("--no-amp", action="store_true", help="no bf16 autocast on GPU")
+    o.add_argument("--amp", choices=["bf16"], help="mixed precision: bf16 autocast in training (default: fp32, "
+                                                 "as the paper); evaluation always runs in fp32")
     o.add_argument("--seed", type=int)
     r = ap.add_argument_group("cluster and fault tolerance")
     r.add_argument("--workers", type=int, help=f"Ray Train workers (default: {DEFAULT_WORKERS_CPU} on CPU, "
@@ -105,10 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def config_from_args(args) -> tuple["TrainConfig", int]:  # noqa: F821
+def config_from_args(args) -> tuple[TrainConfig, int]:
     """The TrainConfig and worker count of the command line (raises ValueError on a bad combination)."""
-    from pipeline.train import TrainConfig, _is_tiny
-
     base: dict = {}
     if args.config:
         path = Path(args.config)
@@ -118,11 +122,12 @@ def config_from_args(args) -> tuple["TrainConfig", int]:  # noqa: F821
 
         base = yaml.safe_load(path.read_text()) or {}
         if not isinstance(base, dict):
-            raise ValueError(f"--config {path}: expected a mapping of TrainConfig fields")
+            raise ValueError(f"--config {path}: expected a mapping of training settings")
+        check_settings(base, f"--config {path}")
     preset = args.preset or base.get("preset", "tiny")
     base["preset"] = preset
     explicit_length = args.schedule or args.iterations or "schedule" in base or "iterations" in base
-    if _is_tiny(preset):
+    if is_tiny(preset):
         for k, v in TINY_DEFAULTS.items():
             if k == "iterations" and explicit_length:
                 continue
@@ -149,8 +154,8 @@ def config_from_args(args) -> tuple["TrainConfig", int]:  # noqa: F821
         base["lr_steps"] = [int(s) for s in args.lr_steps.split(",") if s.strip()]
     if args.no_lr_scaling:
         base["scale_lr"] = False
-    if args.no_amp:
-        base["amp"] = False
+    if args.amp:
+        base["amp"] = args.amp
     if args.no_eval:
         base["eval_at_end"] = False
     base["detector"] = {**base.get("detector", {}), **_pairs(args.detector, "--detector")}
@@ -159,7 +164,7 @@ def config_from_args(args) -> tuple["TrainConfig", int]:  # noqa: F821
         data["source"] = args.data
     base["data"] = data
     base["mlflow_tags"] = {**base.get("mlflow_tags", {}), **_pairs(args.tag, "--tag")}
-    return TrainConfig.from_dict(base), workers
+    return build_train_config(**base), workers
 
 
 def _gpu_count() -> int:
@@ -173,14 +178,13 @@ def _gpu_count() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.train import prepare_config, run_training
-
     try:
         cfg, workers = config_from_args(args)
+        check_workers(cfg, workers)
         if args.dry_run:
-            cfg = prepare_config(cfg, workers)
-            print(f"[dry-run] {cfg.schedule_().describe()}; {max(workers, 1)} worker(s) x "
-                  f"{cfg.batch_size // max(workers, 1)} images")
+            check_data_paths(cfg)
+            print(f"[dry-run] {cfg.schedule.describe()}; {max(workers, 1)} worker(s) x "
+                  f"{cfg.batch_size // max(workers, 1)} images; {'fp32' if cfg.amp is None else cfg.amp + ' autocast'}")
             print(json.dumps({"workers": workers, "config": cfg.to_dict()}, indent=1, default=str))
             return 0
     except (ValueError, FileNotFoundError) as e:

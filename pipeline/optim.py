@@ -209,3 +209,27 @@ def grad_norm(parameters, max_norm: float | None) -> torch.Tensor:
     if max_norm is not None and math.isfinite(max_norm):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
+
+
+def load_training_state(optimizer: torch.optim.Optimizer, scheduler: WarmupMultiStepLR, schedule: Schedule,
+                        optimizer_state: dict, scheduler_state: dict, iteration: int,
+                        momentum: float = 0.9) -> None:
+    """Resume: momentum buffers and the scheduler position from a checkpoint; the LRs, weight decay,
+    momentum and LR steps from the *current* schedule and optimiser.
+
+    So a run resubmitted with a lower LR or a longer schedule uses it (the way out of a NaN: same
+    run name, lower ``base_lr``). Call it on a freshly built optimiser and scheduler, whose groups
+    hold the current LRs and decays; ``iteration`` is where the run continues.
+    """
+    fresh = [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups]
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
+    scheduler.steps = list(schedule.steps)
+    scheduler.gamma = schedule.gamma
+    scheduler.warmup_iters = schedule.warmup_iters
+    scheduler.warmup_factor = schedule.warmup_factor
+    scheduler.base_lrs = [lr for lr, _ in fresh]
+    factor = schedule.lr_factor(iteration)
+    for group, (lr, wd) in zip(optimizer.param_groups, fresh):
+        group.update(initial_lr=lr, lr=lr * factor, weight_decay=wd, momentum=momentum)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]

@@ -3,9 +3,10 @@
 * :func:`default_tracking_uri`: ``MLFLOW_TRACKING_URI`` if set, else a SQLite store in the working
   directory, as an **absolute** URI: Ray Train workers run in another cwd (RAY_NOTES section 1), so
   the driver resolves it and passes it on.
-* :func:`mlflow_run`: a context that starts (or re-attaches to) a run and never leaves it RUNNING on
-  a Python error: FAILED with the error as tag ``error`` and ``error.txt`` artifact, KILLED on
-  Ctrl-C/SIGTERM. :func:`mark_run_failed` does the same from outside (the driver, after a worker died).
+* :class:`TrackingConfig`: where a run is tracked (absolute store URI, experiment, parent, tags, run id).
+* :func:`run_lifecycle`: THE run lifecycle (training, sweeps, jobs): start or attach to a run, and
+  never leave it RUNNING: FINISHED on success, FAILED with the error as tag ``error`` and an
+  ``error.txt`` artifact, KILLED on Ctrl-C/SIGTERM (:class:`TrackedRun` ends it from outside too).
 * :func:`flatten_config`, :func:`log_params`, :func:`log_metrics`: MLflow-sized params/metrics.
 * :func:`plot_loss_curves`, :func:`plot_per_category_ap`: PNGs (matplotlib Agg).
 """
@@ -19,7 +20,7 @@ import traceback
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 DEFAULT_EXPERIMENT = "atss"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
@@ -158,24 +159,13 @@ def create_run(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, run_name
     return run.info.run_id
 
 
-def find_run(tracking_uri: str, experiment: str, tag: str, value: str) -> str | None:
-    """Id of the newest run of ``experiment`` whose tag ``tag`` equals ``value`` (None if none)."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    quote = '"' if "'" in value else "'"
-    if quote in value:
-        raise ValueError(f"cannot search MLflow for a tag value holding both quote characters: {value!r}")
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{tag}` = {quote}{value}{quote}",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0].info.run_id if runs else None
-
-
 def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+def stop_status(error: BaseException) -> str:
+    """KILLED for a stop (Ctrl-C; SIGTERM turned into ``SystemExit`` by the jobs), FAILED otherwise."""
+    return "KILLED" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "FAILED"
 
 
 def mark_run_failed(tracking_uri: str, run_id: str, error: BaseException | str,
@@ -198,42 +188,87 @@ def run_status(tracking_uri: str, run_id: str) -> str:
     return MlflowClient(tracking_uri).get_run(run_id).info.status
 
 
-@contextlib.contextmanager
-def mlflow_run(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None,
-               run_id: str | None = None, parent_run_id: str | None = None,
-               tags: Mapping[str, Any] | None = None) -> Iterator[Any]:
-    """Start a run (or re-attach to ``run_id``) as the active run; yields the ``mlflow.ActiveRun``.
+@dataclass(frozen=True)
+class TrackedRun:
+    """An MLflow run this process started or attached to (see :func:`run_lifecycle`)."""
 
-    Leaving normally ends it FINISHED. An exception ends it FAILED (KeyboardInterrupt and SystemExit:
-    KILLED) with the error recorded, then propagates. Re-attaching clears a previous attempt's
-    ``error`` tag, since the run is alive again.
+    uri: str
+    run_id: str
+
+    @property
+    def status(self) -> str:
+        return run_status(self.uri, self.run_id)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run with ``status`` unless it has already ended (e.g. its workers finished it)."""
+        if self.status == "RUNNING":
+            from mlflow import MlflowClient
+
+            MlflowClient(self.uri).set_terminated(self.run_id, status)
+
+    def fail(self, error: BaseException | str, status: str = "FAILED", traceback_text: str | None = None) -> None:
+        """End the run FAILED (or KILLED) with ``error`` recorded, unless it already ended FINISHED."""
+        if self.status != "FINISHED":
+            mark_run_failed(self.uri, self.run_id, error, status, traceback_text)
+
+
+def start_run(config: TrackingConfig, run_name: str | None = None, tags: Mapping[str, Any] | None = None,
+              clear_tags: tuple[str, ...] = ()) -> TrackedRun:
+    """Attach to ``config.run_id`` or create a run (a child of ``config.parent_run_id``); status RUNNING.
+
+    Attaching revives the run: status RUNNING again, a previous attempt's ``error`` tag (and
+    ``clear_tags``) removed. ``config.tags`` and ``tags`` are set in both cases."""
+    from mlflow import MlflowClient
+
+    all_tags = {**config.tags, **{str(k): str(v) for k, v in (tags or {}).items()}}
+    if config.run_id is None:
+        return TrackedRun(config.uri, create_run(config.uri, config.experiment, run_name, config.parent_run_id,
+                                                 all_tags))
+    client = MlflowClient(config.uri)
+    existing = client.get_run(config.run_id)
+    for tag in ("error", *clear_tags):
+        if tag in existing.data.tags:
+            client.delete_tag(config.run_id, tag)
+    for k, v in all_tags.items():
+        client.set_tag(config.run_id, k, v)
+    if existing.info.status != "RUNNING":
+        client.update_run(config.run_id, status="RUNNING")
+    return TrackedRun(config.uri, config.run_id)
+
+
+@contextlib.contextmanager
+def run_lifecycle(config: TrackingConfig, run_name: str | None = None, *, tags: Mapping[str, Any] | None = None,
+                  clear_tags: tuple[str, ...] = (), activate: bool = False,
+                  error_of: Callable[[BaseException], BaseException] | None = None) -> Iterator[TrackedRun]:
+    """The one MLflow run lifecycle: start or attach (:func:`start_run`), yield, then end the run.
+
+    Leaving normally ends it FINISHED (unless it already ended: a caller may have ended it KILLED
+    or FAILED itself). An exception ends it FAILED with ``error_of(exception)`` recorded (e.g. the
+    worker's error inside Ray's wrapper), or KILLED on a stop (Ctrl-C, SIGTERM), unless it already
+    ended FINISHED; the exception propagates. ``activate`` also makes it the process's active run
+    (``mlflow.log_*``, ``mlflow.pytorch.log_model``); inside another active run it is nested.
     """
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)
-    if run_id is None:
-        run_id = create_run(tracking_uri, experiment, run_name, parent_run_id, tags)
-    else:
-        client = mlflow.MlflowClient(tracking_uri)
-        if "error" in client.get_run(run_id).data.tags:
-            client.delete_tag(run_id, "error")
-        for k, v in (tags or {}).items():
-            client.set_tag(run_id, str(k), str(v))
-    if mlflow.active_run() is not None and mlflow.active_run().info.run_id != run_id:
+    run = start_run(config, run_name, tags, clear_tags)
+    if activate:
+        mlflow.set_tracking_uri(config.uri)
+        outer = mlflow.active_run()
         # A nested call (e.g. inside a Tune trial that has its own run) must not end the outer run.
-        active = mlflow.start_run(run_id=run_id, nested=True)
-    else:
-        active = mlflow.start_run(run_id=run_id)
+        mlflow.start_run(run_id=run.run_id, nested=outer is not None and outer.info.run_id != run.run_id)
     try:
-        yield active
+        yield run
     except BaseException as e:
-        status = "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED"
-        with contextlib.suppress(Exception):
-            mark_run_failed(tracking_uri, run_id, e, status, traceback.format_exc())
-        mlflow.end_run(status=status)
+        status = stop_status(e)
+        with contextlib.suppress(Exception):  # never hide the original error
+            run.fail(error_of(e) if error_of else e, status, traceback.format_exc())
+        if activate:
+            mlflow.end_run(status=run.status if run.status != "RUNNING" else status)
         raise
     else:
-        mlflow.end_run(status="FINISHED")
+        run.finish()
+        if activate:
+            mlflow.end_run(status=run.status)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -174,7 +174,7 @@ def test_submit_smoke_sweep_and_find_its_runs_in_mlflow(local_cluster, tmp_path)
 
 _PROBE = """
 import os, ray
-from pipeline.train import connect_ray
+from pipeline.training import connect_ray
 connect_ray()
 
 @ray.remote(num_cpus=0)

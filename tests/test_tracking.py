@@ -1,10 +1,11 @@
-"""MLflow helpers: absolute default store, runs never left RUNNING, params flattening, plots."""
+"""MLflow helpers: absolute default store, one run lifecycle (never left RUNNING), params flattening, plots."""
 import os
 
 import pytest
 from mlflow import MlflowClient
 
 from pipeline import tracking
+from pipeline.tracking import TrackingConfig, run_lifecycle
 
 
 @pytest.fixture()
@@ -31,8 +32,8 @@ def test_flatten_config_nested_lists_none_and_long_values():
 
 
 def test_run_finishes_with_params_and_metrics(store):
-    with tracking.mlflow_run(store, "exp", run_name="ok", tags={"k": "v"}) as run:
-        rid = run.info.run_id
+    with run_lifecycle(TrackingConfig(store, "exp"), "ok", tags={"k": "v"}, activate=True) as run:
+        rid = run.run_id
         tracking.log_params(rid, {f"p{i}": i for i in range(150)}, store)  # > one batch of 100
         tracking.log_metrics(rid, {"loss": 1.5, "nan": float("nan"), "flag": True}, step=3, tracking_uri=store)
     r = MlflowClient(store).get_run(rid)
@@ -43,8 +44,8 @@ def test_run_finishes_with_params_and_metrics(store):
 
 def test_crashing_run_is_failed_with_the_error_and_reattaching_clears_it(store):
     with pytest.raises(RuntimeError, match="boom"):
-        with tracking.mlflow_run(store, "exp", run_name="crash") as run:
-            rid = run.info.run_id
+        with run_lifecycle(TrackingConfig(store, "exp"), "crash", activate=True) as run:
+            rid = run.run_id
             raise RuntimeError("boom at iteration 7")
     client = MlflowClient(store)
     r = client.get_run(rid)
@@ -52,7 +53,7 @@ def test_crashing_run_is_failed_with_the_error_and_reattaching_clears_it(store):
     assert r.data.tags["error"] == "RuntimeError: boom at iteration 7"
     assert "error.txt" in [a.path for a in client.list_artifacts(rid)]
     # a retry re-attaches to the same run and ends it cleanly
-    with tracking.mlflow_run(store, "exp", run_id=rid):
+    with run_lifecycle(TrackingConfig(store, "exp", run_id=rid), activate=True):
         assert client.get_run(rid).info.status == "RUNNING"
     r = client.get_run(rid)
     assert r.info.status == "FINISHED" and "error" not in r.data.tags
@@ -60,17 +61,48 @@ def test_crashing_run_is_failed_with_the_error_and_reattaching_clears_it(store):
 
 def test_interrupted_run_is_killed_and_driver_side_failure(store):
     with pytest.raises(KeyboardInterrupt):
-        with tracking.mlflow_run(store, "exp") as run:
+        with run_lifecycle(TrackingConfig(store, "exp"), activate=True) as run:
             raise KeyboardInterrupt
-    assert tracking.run_status(store, run.info.run_id) == "KILLED"
-    rid = tracking.create_run(store, "exp", run_name="child", parent_run_id=run.info.run_id,
+    assert tracking.run_status(store, run.run_id) == "KILLED"
+    rid = tracking.create_run(store, "exp", run_name="child", parent_run_id=run.run_id,
                               tags={"atss.key": "a'b"})
-    assert tracking.find_run(store, "exp", "atss.key", "a'b") == rid
-    assert tracking.find_run(store, "exp", "atss.key", "other") is None
     tracking.mark_run_failed(store, rid, RuntimeError("worker died"))
     r = MlflowClient(store).get_run(rid)
     assert (r.info.status, r.data.tags["error"]) == ("FAILED", "RuntimeError: worker died")
-    assert r.data.tags["mlflow.parentRunId"] == run.info.run_id
+    assert r.data.tags["mlflow.parentRunId"] == run.run_id
+
+
+def test_lifecycle_without_activation_child_runs_unwrapped_errors_and_stops(store):
+    parent = TrackingConfig(store, "exp", tags={"suite": "x"})
+    with run_lifecycle(parent, "sweep") as sweep:
+        assert sweep.status == "RUNNING"
+        child = parent.replace(parent_run_id=sweep.run_id)
+        wrapped = RuntimeError("wrapper")
+        with pytest.raises(RuntimeError, match="wrapper"):
+            with run_lifecycle(child, "trial", error_of=lambda e: ValueError("the worker's error")) as trial:
+                raise wrapped
+        # a run its caller already ended keeps that status
+        with run_lifecycle(child, "stopped") as stopped:
+            stopped.finish("KILLED")
+    client = MlflowClient(store)
+    t = client.get_run(trial.run_id)
+    assert (t.info.status, t.data.tags["error"]) == ("FAILED", "ValueError: the worker's error")
+    assert t.data.tags["mlflow.parentRunId"] == sweep.run_id and t.data.tags["suite"] == "x"
+    assert client.get_run(stopped.run_id).info.status == "KILLED"
+    assert sweep.status == "FINISHED"
+    # attaching revives a run: RUNNING again, the error and the named tags cleared
+    client.set_tag(trial.run_id, "ablation.stopped", "yes")
+    with run_lifecycle(child.replace(run_id=trial.run_id), clear_tags=("ablation.stopped",)) as again:
+        assert again.status == "RUNNING"
+        tags = client.get_run(trial.run_id).data.tags
+        assert "error" not in tags and "ablation.stopped" not in tags
+    assert again.status == "FINISHED"
+    with pytest.raises(SystemExit):
+        with run_lifecycle(parent, "sigterm"):
+            raise SystemExit(143)
+    (killed,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id],
+                                   filter_string="attributes.run_name = 'sigterm'")
+    assert killed.info.status == "KILLED"
 
 
 def test_plots_are_pngs(tmp_path):

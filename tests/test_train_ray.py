@@ -9,7 +9,7 @@ import torch
 from mlflow import MlflowClient
 
 from pipeline import checkpoint as ck
-from pipeline.train import TrainConfig, run_training
+from pipeline.training import build_train_config, run_training
 
 pytestmark = pytest.mark.ray
 
@@ -28,10 +28,10 @@ def _history(client, run_id, key):
 
 def test_two_worker_run_trains_checkpoints_evaluates_and_logs(ray_cluster, tmp_path, data_cache):
     store = (tmp_path / "mlruns").as_uri()
-    cfg = TrainConfig(preset="tiny", batch_size=4, iterations=24, base_lr=0.04, log_period=4,
-                      checkpoint_period=12, storage_path=str(tmp_path / "runs"), run_name="two_workers",
-                      mlflow_uri=store, mlflow_experiment="train_test", mlflow_tags={"suite": "ray"},
-                      data={**SMALL_DATA, "cache_dir": data_cache})
+    cfg = build_train_config(preset="tiny", batch_size=4, iterations=24, base_lr=0.04, log_period=4,
+                             checkpoint_period=12, storage_path=str(tmp_path / "runs"), run_name="two_workers",
+                             mlflow_uri=store, mlflow_experiment="train_test", mlflow_tags={"suite": "ray"},
+                             data={**SMALL_DATA, "cache_dir": data_cache})
     res = run_training(cfg, num_workers=2)
 
     # the loop ran to the end on 2 workers, and the final AP came back through the checkpoint's report
@@ -67,10 +67,10 @@ def test_two_worker_run_trains_checkpoints_evaluates_and_logs(ray_cluster, tmp_p
 
 def test_worker_failure_resumes_from_the_last_checkpoint(ray_cluster, tmp_path, data_cache):
     store = (tmp_path / "mlruns").as_uri()
-    cfg = TrainConfig(preset="tiny", batch_size=4, iterations=8, checkpoint_period=3, log_period=1,
-                      eval_at_end=False, log_model=False, fail_at_iteration=5,
-                      storage_path=str(tmp_path / "runs"), run_name="faulty", mlflow_uri=store,
-                      data={**SMALL_DATA, "cache_dir": data_cache})
+    cfg = build_train_config(preset="tiny", batch_size=4, iterations=8, checkpoint_period=3, log_period=1,
+                             eval_at_end=False, log_model=False, fail_at_iteration=5,
+                             storage_path=str(tmp_path / "runs"), run_name="faulty", mlflow_uri=store,
+                             data={**SMALL_DATA, "cache_dir": data_cache})
     res = run_training(cfg, num_workers=2, max_failures=1)
 
     assert res.iteration == 8 and res.metrics["iteration"] == 8
@@ -85,10 +85,10 @@ def test_worker_failure_resumes_from_the_last_checkpoint(ray_cluster, tmp_path, 
 
 
 def test_ray_train_console_shows_warnings_by_default_and_names_a_bad_level(tmp_path, monkeypatch):
-    from pipeline.train import build_trainer, prepare_config
+    from pipeline.training import build_trainer
 
-    cfg = prepare_config(TrainConfig(preset="tiny", batch_size=2, iterations=2, storage_path=str(tmp_path),
-                                     run_name="logging", mlflow_uri=None), num_workers=1, check_data=False)
+    cfg = build_train_config(preset="tiny", batch_size=2, iterations=2, storage_path=str(tmp_path),
+                             run_name="logging", mlflow_uri=None)
     monkeypatch.delenv("ATSS_RAY_TRAIN_LOG_LEVEL", raising=False)
     assert build_trainer(cfg, num_workers=1).run_config.logging_config.log_level == "WARNING"
     monkeypatch.setenv("ATSS_RAY_TRAIN_LOG_LEVEL", "info")
