@@ -3,6 +3,10 @@
 #
 #   cluster/local.sh start [options]   start the head (returns once the job server answers and
 #                                      `ray status` reports the cluster's resources)
+#   cluster/local.sh start --like aws  a rehearsal of cluster/aws.yaml (or gcp, or a config path):
+#                                      Ray's autoscaler launches that config's node types as local
+#                                      nodes (GPUs simulated, CPUs scaled, short idle timeout); see
+#                                      docs/cluster.md and pipeline/cluster.py
 #   cluster/local.sh env               print the exports the Ray CLI needs (eval "$(cluster/local.sh env)")
 #   cluster/local.sh status            is it running, its ports, `ray status`
 #   cluster/local.sh submit -- CMD...  ray job submit --working-dir <repo> -- CMD... (waits, streams logs)
@@ -17,6 +21,8 @@
 #   --num-cpus N         ATSS_RAY_NUM_CPUS    (all cores)
 #   --object-store-mb N  ATSS_RAY_OBJECT_STORE_MB (512)
 #   --timeout S          ATSS_RAY_START_TIMEOUT (90)   give up waiting for the job server
+#   --like NAME|PATH     ATSS_RAY_LIKE        ()       rehearse aws | gcp | path/to/cluster.yaml
+#   --idle-timeout S     ATSS_RAY_IDLE_TIMEOUT (20)    rehearsal: idle worker nodes go after S seconds
 #   (stop)               ATSS_RAY_STOP_TIMEOUT (20)    grace before the remaining processes are killed
 #   (status)             ATSS_RAY_STATUS_TIMEOUT (30)  wait for `ray status` to report resources
 #
@@ -41,11 +47,15 @@ AGENT_PORT="${ATSS_RAY_AGENT_PORT:-52375}"
 NUM_CPUS="${ATSS_RAY_NUM_CPUS:-}"
 OBJECT_STORE_MB="${ATSS_RAY_OBJECT_STORE_MB:-512}"
 START_TIMEOUT="${ATSS_RAY_START_TIMEOUT:-90}"
+LIKE="${ATSS_RAY_LIKE:-}"
+IDLE_TIMEOUT="${ATSS_RAY_IDLE_TIMEOUT:-20}"
 STOP_TIMEOUT="${ATSS_RAY_STOP_TIMEOUT:-20}"
 
 die() { echo "local.sh: $*" >&2; exit 1; }
 
-usage() { sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+# Bad input (options, --like): exit 2, before anything starts.
+bad_input() { echo "local.sh: $*" >&2; exit 2; }
 
 find_ray() {
     if [[ -n "${RAY:-}" ]]; then
@@ -71,13 +81,16 @@ parse_opts() {
             --num-cpus) NUM_CPUS="$2"; shift 2 ;;
             --object-store-mb) OBJECT_STORE_MB="$2"; shift 2 ;;
             --timeout) START_TIMEOUT="$2"; shift 2 ;;
+            --like) [[ $# -ge 2 ]] || bad_input "--like needs a value: aws, gcp or a cluster config path"
+                    LIKE="$2"; shift 2 ;;
+            --idle-timeout) IDLE_TIMEOUT="$2"; shift 2 ;;
             --) shift; REST=("$@"); return ;;
-            *) die "unknown option '$1' (see: cluster/local.sh help)" ;;
+            *) bad_input "unknown option '$1' (see: cluster/local.sh help)" ;;
         esac
     done
 }
 
-check_int() { [[ "$2" =~ ^[0-9]+$ ]] || die "$1 must be a positive integer, got '$2'"; }
+check_int() { [[ "$2" =~ ^[0-9]+$ ]] || bad_input "$1 must be a positive integer, got '$2'"; }
 
 # The state dir's cluster.env pins what `start` used, so status/env/stop need only the state dir.
 load_state() {
@@ -128,7 +141,7 @@ cli_env() {
 cmd_start() {
     local ray pid start_time deadline
     parse_opts "$@"
-    for v in PORT DASHBOARD_PORT CLIENT_PORT AGENT_PORT OBJECT_STORE_MB START_TIMEOUT; do
+    for v in PORT DASHBOARD_PORT CLIENT_PORT AGENT_PORT OBJECT_STORE_MB START_TIMEOUT IDLE_TIMEOUT; do
         check_int "$v" "${!v}"
     done
     [[ -z "$NUM_CPUS" ]] || check_int NUM_CPUS "$NUM_CPUS"
@@ -140,6 +153,10 @@ cmd_start() {
     fi
     # Ray's unix sockets live under the temp dir; their paths must stay under 107 bytes.
     (( ${#STATE_DIR} <= 40 )) || die "state dir path too long for Ray's sockets (max 40 chars): $STATE_DIR"
+    local rehearsal_env=()
+    if [[ -n "$LIKE" ]]; then
+        rehearsal_start_args || exit $?
+    fi
 
     umask 077
     if [[ ! -s "$STATE_DIR/auth_token" ]]; then
@@ -150,6 +167,7 @@ PORT=$PORT
 DASHBOARD_PORT=$DASHBOARD_PORT
 CLIENT_PORT=$CLIENT_PORT
 AGENT_PORT=$AGENT_PORT
+LIKE=$LIKE
 EOF
     local args=(start --head --block --disable-usage-stats
         --port "$PORT" --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT"
@@ -157,9 +175,12 @@ EOF
         --object-store-memory $((OBJECT_STORE_MB * 1024 * 1024))
         --temp-dir "$STATE_DIR/ray")
     [[ -z "$NUM_CPUS" ]] || args+=(--num-cpus "$NUM_CPUS")
+    [[ -z "$LIKE" ]] || args+=(--autoscaling-config "$STATE_DIR/autoscaling.yaml")
 
-    # Environment of every cluster process (and so of every job and Train worker).
+    # Environment of every cluster process (and so of every job and Train worker; the rehearsal's
+    # nodes are started by the autoscaler on the head, so they inherit it too).
     (
+        [[ ${#rehearsal_env[@]} -eq 0 ]] || export "${rehearsal_env[@]}"
         export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$STATE_DIR/auth_token"
         export PATH="$(dirname "$ray"):$PATH"
         export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="${RAY_TRAIN_HEALTH_CHECK_INTERVAL_S:-0.2}"
@@ -206,9 +227,37 @@ EOF
         fi
         sleep 1
     done
+    [[ -z "$LIKE" ]] || sed -n 's/^# //p' "$STATE_DIR/rehearsal.out"
     echo "Ray head running (pid $pid). Dashboard and job server: http://127.0.0.1:$DASHBOARD_PORT"
     echo "State, token and logs: $STATE_DIR"
     echo "For the Ray CLI in this shell: eval \"\$(cluster/local.sh env)\""
+}
+
+# The rehearsal (--like): pipeline/cluster.py derives the autoscaling config from the cloud config
+# and checks it (unknown name, no GPU node type, a node type too small for the largest trial: exit 2,
+# nothing started). The head runs Ray's fake multi-node provider under autoscaler v2 (as
+# ray.cluster_utils.AutoscalingCluster sets it up); v1 left launched nodes "uninitialized".
+rehearsal_start_args() {
+    local python ip out line
+    python="$(dirname "$(find_ray)")/python"
+    [[ -x "$python" ]] || python="$(command -v python3)"
+    ip="$(hostname -I 2>/dev/null | awk '{print $1}')"
+    ip="${ip:-127.0.0.1}"
+    (cd "$REPO" && "$python" -m pipeline.cluster rehearsal --like "$LIKE" --gcs-address "$ip:$PORT" \
+        --cores "${NUM_CPUS:-$(nproc)}" --idle-timeout-s "$IDLE_TIMEOUT" \
+        --out "$STATE_DIR/autoscaling.yaml") > "$STATE_DIR/rehearsal.out" || return $?
+    while IFS= read -r line; do
+        case "$line" in
+            HEAD_CPUS=*) NUM_CPUS="${line#HEAD_CPUS=}" ;;
+            ATSS_*=*) rehearsal_env+=("$line") ;;
+        esac
+    done < "$STATE_DIR/rehearsal.out"
+    # The head node's id must be the one the config names (autoscaler v2 matches them).
+    rehearsal_env+=(RAY_FAKE_CLUSTER=1 RAY_enable_autoscaler_v2=1 AUTOSCALER_UPDATE_INTERVAL_S=1
+        RAY_CLOUD_INSTANCE_ID=fffffffffffffffffffffffffffffffffffffffffffffffffff00000
+        RAY_OVERRIDE_NODE_ID_FOR_TESTING=fffffffffffffffffffffffffffffffffffffffffffffffffff00000
+        # All simulated nodes share this machine's cores: one thread per worker process.
+        OMP_NUM_THREADS=1)
 }
 
 # True once `ray status` reports the cluster's resources (its output is left in $STATUS_OUT).

@@ -33,10 +33,22 @@ Usage in a sweep::
 On a CPU-only machine (tests, the local cluster) use :func:`cpu_plan`; :func:`resolve_device`
 picks between the two from the cluster's declaration (``ATSS_TRIAL_DEVICE``, set by the cluster
 configs) or the GPUs Ray currently sees.
+
+The local rehearsal cluster (``cluster/local.sh start --like aws``, :mod:`pipeline.cluster`) runs
+GPU plans on simulated GPUs. Its head declares two more things, and only these differ from a
+real cluster:
+
+* ``ATSS_COMPUTE_DEVICE=cpu``: tensors stay on the CPU and DDP uses gloo although each worker
+  holds a (simulated) GPU. :func:`compute_device` is the one place that decides; without the
+  declaration a GPU worker that finds no CUDA is an error, never a silent CPU fallback.
+* ``ATSS_CPU_SCALE``: node types advertise their CPUs times this factor (2 cores cannot hold a
+  96-CPU node), so trial plans scale their CPUs by the same factor (:meth:`TrialResources.scale_cpus`),
+  which keeps every trial's share of its node, and so what fits where, unchanged.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -48,6 +60,12 @@ from detector.config import BACKBONES
 HEAD_NODE_RESOURCE = "node:__internal_head__"
 # Environment variable the cluster configs set on the head node: "gpu" or "cpu".
 DEVICE_ENV = "ATSS_TRIAL_DEVICE"
+# Where a worker computes ("cuda" or "cpu"), declared by the rehearsal cluster (CPU on simulated GPUs).
+COMPUTE_ENV = "ATSS_COMPUTE_DEVICE"
+# Factor the rehearsal cluster applied to every node type's CPUs (trials scale theirs alike).
+CPU_SCALE_ENV = "ATSS_CPU_SCALE"
+# Ray accounts resources in units of 1e-4.
+_RESOURCE_QUANTUM = 10_000
 
 
 @dataclass(frozen=True)
@@ -175,6 +193,33 @@ class TrialResources:
             total[key] = total.get(key, 0) + value * self.num_workers
         return total
 
+    def node_demand(self) -> list[dict[str, float]]:
+        """The bundles that must each land on one node, as the autoscaler sees them.
+
+        ``STRICT_PACK`` (multi-worker GPU plans) is one bundle: the sum over workers. Otherwise one
+        bundle per worker. The node class's ``accelerator_type`` is part of each bundle (Ray Train
+        asks for a sliver of ``accelerator_type:<name>`` when ``accelerator_type`` is set).
+        """
+        per_worker = dict(self.resources_per_worker())
+        if self.accelerator_type:
+            per_worker[f"accelerator_type:{self.accelerator_type}"] = 0.001
+        if self.scaling_config_kwargs()["placement_strategy"] == "STRICT_PACK":
+            return [{k: v * self.num_workers for k, v in per_worker.items()}]
+        return [dict(per_worker) for _ in range(self.num_workers)]
+
+    def scale_cpus(self, factor: float) -> "TrialResources":
+        """A copy whose workers ask for ``cpus_per_worker * factor`` CPUs (rounded up to Ray's 1e-4 unit).
+
+        The rehearsal cluster scales its node types' CPUs by the same factor, so a trial keeps its
+        share of a node. ``factor`` 1 returns the plan unchanged.
+        """
+        if not (isinstance(factor, (int, float)) and 0 < factor <= 1):
+            raise ValueError(f"CPU scale must be in (0, 1], got {factor!r}")
+        if factor == 1:
+            return self
+        cpus = math.ceil(self.cpus_per_worker * factor * _RESOURCE_QUANTUM - 1e-6) / _RESOURCE_QUANTUM
+        return self.replace(cpus_per_worker=cpus)
+
     def replace(self, **changes) -> "TrialResources":
         """A copy with fields changed (validated like the constructor)."""
         return dataclasses.replace(self, **changes)
@@ -272,6 +317,75 @@ def resolve_device(device: str = "auto", cluster_resources: Mapping[str, float] 
 
         cluster_resources = ray.cluster_resources() if ray.is_initialized() else {}
     return "gpu" if cluster_resources.get("GPU", 0) > 0 else "cpu"
+
+
+def declared_cpu_scale(env: Mapping[str, str] | None = None) -> float:
+    """The CPU scale the cluster declares (``ATSS_CPU_SCALE``; 1 when unset, i.e. a real cluster)."""
+    raw = (os.environ if env is None else env).get(CPU_SCALE_ENV, "").strip()
+    if not raw:
+        return 1.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise ValueError(f"{CPU_SCALE_ENV} must be a number in (0, 1], got {raw!r}")
+    return value
+
+
+def declared_compute_device(env: Mapping[str, str] | None = None) -> str | None:
+    """``"cpu"`` or ``"cuda"`` when the cluster declares where workers compute (``ATSS_COMPUTE_DEVICE``), else None."""
+    raw = (os.environ if env is None else env).get(COMPUTE_ENV, "").strip().lower()
+    if not raw:
+        return None
+    if raw not in ("cpu", "cuda"):
+        raise ValueError(f"{COMPUTE_ENV} must be 'cpu' or 'cuda', got {raw!r}")
+    return raw
+
+
+def compute_device(use_gpu: bool, cuda_available: bool, env: Mapping[str, str] | None = None) -> str:
+    """Where a training worker computes: ``"cuda"`` or ``"cpu"``.
+
+    A worker that holds GPUs (``use_gpu``) computes on CUDA unless the cluster declares
+    ``ATSS_COMPUTE_DEVICE=cpu`` (the rehearsal cluster: GPU-shaped trials on simulated GPUs, gloo
+    instead of NCCL). A GPU worker without CUDA and without that declaration is an error: a
+    silent fallback would run a real sweep on CPUs for days.
+    """
+    declared = declared_compute_device(env)
+    if declared == "cpu":
+        return "cpu"
+    if declared == "cuda" or use_gpu:
+        if not cuda_available:
+            raise RuntimeError(
+                f"this worker {'holds GPUs' if use_gpu else 'was told to use CUDA'} but torch finds no CUDA "
+                f"device (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); to run "
+                f"GPU-shaped trials on CPU on purpose (the local rehearsal cluster), set {COMPUTE_ENV}=cpu")
+        return "cuda"
+    return "cpu"
+
+
+def torch_backend(use_gpu: bool, env: Mapping[str, str] | None = None) -> str:
+    """The ``torch.distributed`` backend for a trial's workers: NCCL on CUDA, gloo on CPU."""
+    return "nccl" if use_gpu and declared_compute_device(env) != "cpu" else "gloo"
+
+
+def placement_tags(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Where this Ray worker runs, for its MLflow run: node id, node type and compute device.
+
+    The node type is the autoscaler's name for it (``RAY_NODE_TYPE_NAME``, which the cluster
+    launcher and the rehearsal's node provider set on every node they start); empty elsewhere.
+    """
+    import ray
+
+    env = os.environ if env is None else env
+    return {"ray.node_id": ray.get_runtime_context().get_node_id(),
+            "ray.node_type": env.get("RAY_NODE_TYPE_NAME", ""),
+            "atss.compute_device": declared_compute_device(env) or ("cuda" if ray.get_gpu_ids() else "cpu")}
+
+
+def all_gpu_plans() -> dict[str, TrialResources]:
+    """The GPU plan of every backbone, with and without DCN, keyed by a readable label."""
+    return {f"{name}{'-dcn' if dcn else ''}": plan_for(name, dcn) for name, dcn in _GPU_TABLE}
 
 
 def table8_plans() -> dict[str, TrialResources]:
