@@ -95,7 +95,7 @@ class DetectorConfig:
             (0.5 / 0.4, low-quality matches on); IoUs in between are ignored.
         in_gt_box: positives must have their anchor centre strictly inside their GT
             (margin 0.01 px). ``max_iou``: positives outside become ignored (Table 1
-            "In-GT-box"). ``atss``: the centre test of the algorithm; off skips it.
+            "In-GT-box"). ``atss``, ``topk``: the centre test of the algorithm; off skips it.
             ``spatial_scale`` needs it (it is how FCOS defines positives).
         center_sampling, center_sampling_radius: FCOS centre sampling (radius in strides,
             1.5); ``spatial_scale`` only.
