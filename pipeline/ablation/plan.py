@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 from detector.config import PRESETS, DetectorConfig, get_preset
 from pipeline import tracking
-from pipeline.resources import TrialResources, cpu_plan, plan_for, resolve_device
+from pipeline.resources import TrialResources, cpu_plan, declared_cpu_scale, plan_for, resolve_device
 from pipeline.training import TrainConfig, build_train_config, check_settings, is_tiny
 
 from .space import RANGE, SearchSpace, coerce_value, display_value, parse_space, range_values, resolve_field, unique
@@ -451,7 +451,8 @@ def trial_resources(detector: DetectorConfig, config: SweepConfig, device: str) 
         overrides = {k: v for k, v in (("num_workers", config.workers_per_trial),
                                        ("cpus_per_worker", config.cpus_per_worker),
                                        ("batch_per_worker", config.batch_per_worker)) if v is not None}
-        return plan_for(detector.backbone, dcn, **overrides)
+        # A rehearsal cluster scales its nodes' CPUs; the trial keeps its share (1 elsewhere).
+        return plan_for(detector.backbone, dcn, **overrides).scale_cpus(declared_cpu_scale())
     return cpu_plan(detector.backbone, dcn, num_workers=config.workers_per_trial or 1,
                     cpus_per_worker=config.cpus_per_worker or 1, batch_per_worker=config.batch_per_worker or 2)
 

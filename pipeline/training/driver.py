@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from pipeline import tracking
 from pipeline.data import resolve_split
+from pipeline.resources import torch_backend
 
 from .config import TrainConfig
 from .session import ray_train_logging
@@ -145,7 +146,7 @@ def build_trainer(cfg: TrainConfig, num_workers: int = 2, use_gpu: bool = False,
         logging_config=ray_train_logging(),
     )
     return TorchTrainer(train_loop, train_loop_config=cfg.to_dict(),
-                        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+                        torch_config=TorchConfig(backend=torch_backend(use_gpu)),
                         scaling_config=ray.train.ScalingConfig(**scaling), run_config=run_config)
 
 

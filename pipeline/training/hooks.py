@@ -78,7 +78,8 @@ class WorkerTracker:
         if not self.active:
             return self
         self._lifecycle = tracking.run_lifecycle(self.cfg.mlflow.replace(run_id=self._known_run_id()),
-                                                 self.cfg.run_name, tags={"atss.run_dir": self.session.store.uri},
+                                                 self.cfg.run_name, tags={"atss.run_dir": self.session.store.uri,
+                                                       **self.session.placement_tags()},
                                                  activate=True)
         self.run_id = self._lifecycle.__enter__().run_id
         self.session.store.write_json(MLFLOW_MARKER, {"tracking_uri": self.uri, "run_id": self.run_id})

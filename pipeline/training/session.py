@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import checkpoint as ckpt_lib
+from pipeline.resources import compute_device, placement_tags
 
 from .config import TrainConfig
 from .store import Store
@@ -76,6 +77,10 @@ class Session:
             return torch.device("cuda", self.local_rank)
         return torch.device("cpu")
 
+    def placement_tags(self) -> dict[str, str]:
+        """Where this worker runs, for its MLflow run (Ray workers: node id and type, compute device)."""
+        return {}
+
     def latest_state(self) -> Optional[dict]:
         """The state of the latest checkpoint of this run (None: start from scratch)."""
         raise NotImplementedError
@@ -109,9 +114,17 @@ class RaySession(Session):
 
     @property
     def device(self) -> torch.device:
+        import ray
         import ray.train.torch
 
+        # GPU workers compute on CUDA unless the cluster declares CPU (the local rehearsal's
+        # simulated GPUs); a GPU worker without CUDA otherwise raises instead of falling back.
+        if compute_device(bool(ray.get_gpu_ids()), torch.cuda.is_available()) == "cpu":
+            return torch.device("cpu")
         return ray.train.torch.get_device()
+
+    def placement_tags(self) -> dict[str, str]:
+        return placement_tags()
 
     def ray_checkpoint(self):
         import ray.train
