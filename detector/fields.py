@@ -97,6 +97,8 @@ class Rule:
     ``nonempty``: a tuple needs at least one item.
     ``token``: parses one command-line token of an item (e.g. ``"1:2"`` -> 0.5 for aspect ratios);
     it raises ``ValueError`` for text it does not take.
+    ``valid``: a test of the whole (typed, non-None) value for what bounds cannot say (a pattern);
+    give ``allowed`` with it.
     ``allowed``: a description that replaces the generated one.
     """
 
@@ -107,6 +109,7 @@ class Rule:
     choices: Optional[tuple] = None
     nonempty: bool = False
     token: Optional[Callable[[str], Any]] = None
+    valid: Optional[Callable[[Any], bool]] = None
     allowed: Optional[str] = None
 
     def bounds_text(self) -> str:
@@ -299,6 +302,8 @@ def _check_rule(rule: Rule, hint: Any, value: Any) -> Optional[str]:
     """None when ``value`` (already of the right type) satisfies ``rule``, else what is wrong."""
     if value is None:
         return None
+    if rule.valid is not None and not rule.valid(value):
+        return ""
     items = value if isinstance(value, (tuple, list)) else (value,)
     if rule.nonempty and isinstance(value, (tuple, list)) and not value:
         return "an empty list"

@@ -26,9 +26,12 @@ import time
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import ClassVar, Mapping
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from detector.fields import FieldError, Rule, check_fields
 
 from .progress import progress
 
@@ -103,14 +106,29 @@ class SyntheticSpec:
     max_occlusion: float = 0.5  # a new object may hide at most this share of an earlier box
     jpeg_quality: int = 90
 
+    # What each field allows beyond its annotated type (detector.fields checks both). A split of
+    # 0 images is a spec for the other split only; generate_split refuses to write it.
+    RULES: ClassVar[Mapping[str, Rule]] = {
+        "num_train": Rule(ge=0),
+        "num_val": Rule(ge=0),
+        "image_size": Rule(ge=32),
+        "num_classes": Rule(ge=1, le=len(CATEGORIES)),
+        "seed": Rule(ge=0),
+        "min_object_size": Rule(ge=1),
+        "max_object_fraction": Rule(gt=0, le=1),
+        "max_objects": Rule(ge=1),
+        "dominant_fraction": Rule(ge=0, le=1),
+        "crowded_fraction": Rule(ge=0, le=1),
+        "crowd_region_fraction": Rule(ge=0, le=1),
+        "max_occlusion": Rule(ge=0, le=1),
+        "jpeg_quality": Rule(ge=1, le=95),
+    }
+
     def __post_init__(self):
-        if not 1 <= self.num_classes <= len(CATEGORIES):
-            raise ValueError(f"num_classes must lie in 1..{len(CATEGORIES)}, got {self.num_classes}")
+        check_fields(self)
         lo, hi = self.image_size
-        if not 32 <= lo <= hi:
-            raise ValueError(f"image_size must be (lo, hi) with 32 <= lo <= hi, got {self.image_size}")
-        if self.num_train < 0 or self.num_val < 0:
-            raise ValueError("num_train / num_val must be >= 0")
+        if not lo <= hi:
+            raise FieldError("SyntheticSpec", "image_size", self.image_size, "(lo, hi) with 32 <= lo <= hi")
 
     def categories(self) -> list[dict]:
         return [{"id": i, "name": n, "supercategory": "shape"} for i, n, _ in CATEGORIES[: self.num_classes]]
@@ -283,11 +301,14 @@ def generate_split(spec: SyntheticSpec, split: str, root: str | os.PathLike, wor
     """
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
+    num = spec.num_train if split == "train" else spec.num_val
+    if num < 1:
+        field = "num_train" if split == "train" else "num_val"
+        raise FieldError("SyntheticSpec", field, num, f"an int >= 1 to write the {split} split")
     root = Path(root)
     image_dir = root / f"{split}2017"
     image_dir.mkdir(parents=True, exist_ok=True)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
-    num = spec.num_train if split == "train" else spec.num_val
     jobs = [(spec, split, i, str(image_dir)) for i in range(num)]
     bar = dict(total=num, desc=f"synthetic {split} images", unit="img")
     if pool is not None:

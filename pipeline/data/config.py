@@ -11,7 +11,8 @@ from pipeline.synthetic import CATEGORIES
 
 __all__ = ["DataConfig"]
 
-_SOURCE_HELP = "'synthetic', 'coco:/path/to/root', or 'files' with train_ann/train_images/val_ann/val_images"
+_SOURCE_HELP = ("'synthetic', 'coco:/path/to/root' (a root directory after 'coco:'), or 'files' with "
+                "train_ann/train_images/val_ann/val_images")
 
 
 @dataclass
@@ -57,7 +58,8 @@ class DataConfig:
 
     # What each field allows beyond its annotated type (detector.fields checks both).
     RULES: ClassVar[Mapping[str, Rule]] = {
-        "source": Rule(allowed=_SOURCE_HELP),
+        "source": Rule(valid=lambda s: s in ("synthetic", "files") or (s.startswith("coco:") and len(s) > 5),
+                       allowed=_SOURCE_HELP),
         "train_min_size": Rule(gt=0),
         "max_size": Rule(gt=0),
         "test_min_size": Rule(gt=0),
@@ -77,11 +79,6 @@ class DataConfig:
         if isinstance(self.synthetic_image_size, int) and not isinstance(self.synthetic_image_size, bool):
             self.synthetic_image_size = (self.synthetic_image_size, self.synthetic_image_size)  # square images
         check_fields(self)
-        if not (self.source in ("synthetic", "files") or self.source.startswith("coco:")):
-            raise FieldError("DataConfig", "source", self.source, _SOURCE_HELP)
-        if self.source == "coco:":
-            raise FieldError("DataConfig", "source", self.source, "'coco:' followed by a root directory, "
-                             "e.g. 'coco:/data/coco'")
         for name in ("train_min_size", "synthetic_image_size"):
             size = getattr(self, name)
             if isinstance(size, tuple) and not size[0] <= size[1]:
