@@ -60,3 +60,27 @@ def test_missing_corrupt_and_foreign_checkpoints_are_named(tmp_path):
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not an atss-ray checkpoint"):
         ck.load_state(tmp_path / "other.pt")
+
+
+def test_weights_that_do_not_match_the_config_are_refused_by_name(tmp_path):
+    """Strict loading: another architecture's weights (or a resume after changing the detector
+    config) fail with the project's error naming the checkpoint and keys, never a bare RuntimeError."""
+    from detector import build_detector, get_preset
+
+    cfg = get_preset("tiny", num_classes=3)
+    model = build_detector(cfg)
+    ck.save_state(ck.build_state(model, cfg, [{"id": i, "name": str(i)} for i in (1, 2, 3)], 0), tmp_path / "ok")
+    loaded, loaded_cfg = ck.detector_from_state(ck.load_state(tmp_path / "ok"), source="ok")
+    assert loaded_cfg == cfg and not loaded.training
+    state = ck.load_state(tmp_path / "ok")
+    state["detector_config"] = get_preset("tiny", num_classes=4).to_dict()  # shapes differ
+    with pytest.raises(ValueError, match=r"ckpt-x: checkpoint weights do not match the detector config: "
+                                         r"shape differs for .*cls_logits.*\(checkpoint \(3, 32, 3, 3\)"):
+        ck.detector_from_state(state, source="ckpt-x")
+    other = build_detector(get_preset("tiny", num_classes=3, num_convs=cfg.num_convs + 1))  # a changed architecture
+    with pytest.raises(ValueError, match=r"resume: checkpoint weights do not match .*missing head.box_tower"):
+        ck.load_weights(other, model.state_dict(), "resume")
+    weights = dict(model.state_dict())
+    weights.pop(next(iter(weights)))
+    with pytest.raises(ValueError, match=r"missing"):
+        ck.load_weights(build_detector(cfg), weights, "partial")

@@ -154,3 +154,121 @@ def test_gather_across_two_gloo_ranks(tmp_path):
     expected = [{"image_id": 0, "r": 0}, {"image_id": 2, "r": 0}, {"image_id": 1, "r": 1}]
     for r in range(2):
         assert json.loads((tmp_path / f"{r}.json").read_text()) == expected
+
+
+# ------------------------------------------------------------------------------------------------
+# one set of rules for a results file, scored or validated for submission (issue 15)
+# ------------------------------------------------------------------------------------------------
+def _image_info(gt: dict) -> dict:
+    return {"images": gt["images"], "categories": gt["categories"]}
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("bbox", [100.0, 100.0, -60.0, 60.0], r"bbox \[100.0, 100.0, -60.0, 60.0\] has non-positive width or height"),
+    ("bbox", [100.0, 100.0, 60.0, -1.0], r"has non-positive width or height"),
+    ("bbox", [100.0, "100", 60.0, 60.0], r"holds a non-finite or non-numeric value"),
+    ("bbox", [600.0, 100.0, 60.0, 60.0], r"leaves the 640x480 image"),
+    ("score", "0.93", r"score '0.93' is not a finite number in \[0, 1\]"),
+    ("score", True, r"score True is not a finite number"),
+    ("score", 1.5, r"score 1.5 is not a finite number"),
+    ("image_id", "11", r"image_id '11' is not an integer"),
+    ("category_id", 7.0, r"category_id 7.0 is not an integer"),
+    ("segmentation", [], r"unexpected field\(s\) segmentation"),
+])
+def test_results_follow_the_same_rules_when_scored_and_when_submitted(tmp_path, field, value, expected):
+    from pipeline.submission import SubmissionError, validate_results
+
+    gt = _gt()
+    dets = _perfect(gt)
+    validate_results(dets, _image_info(gt))  # the unchanged file passes both
+    dets[4] = dict(dets[4], **{field: value})
+    path = tmp_path / "dets.json"
+    path.write_text(json.dumps(dets))
+    with pytest.raises(ResultsError, match=expected) as scored:
+        evaluate_coco(gt, path)
+    with pytest.raises(SubmissionError, match=expected) as submitted:
+        validate_results(json.loads(path.read_text()), _image_info(gt))
+    assert str(path) in str(scored.value)
+    assert scored.value.problems[0].startswith("detection 4 (image ")
+    assert scored.value.problems == [p.replace("image-info file", "ground truth")
+                                     for p in submitted.value.problems]
+
+
+def test_results_rules_hold_for_random_mutations():
+    """Property: a mutated results file is accepted by both evaluation and submission validation
+    (and then scored by pycocotools without error) or refused by both, naming the detection."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from pipeline.submission import SubmissionError, validate_results
+
+    gt = _gt()
+    base = _perfect(gt)
+    values = st.one_of(st.none(), st.booleans(), st.integers(-5, 700), st.floats(allow_nan=True, allow_infinity=True),
+                       st.text(max_size=3), st.lists(st.floats(-10, 700), min_size=3, max_size=5),
+                       st.sampled_from([10, 11, 12, 3, 7, [1.0, 2.0, 3.0, 4.0]]))
+    mutation = st.tuples(st.integers(0, len(base) - 1),
+                         st.sampled_from(["image_id", "category_id", "bbox", "score", "extra", "bbox_item"]),
+                         values, st.integers(0, 3))
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(mutation, min_size=1, max_size=3))
+    def check(mutations):
+        dets = [dict(d, bbox=list(d["bbox"])) for d in base]
+        for i, field, value, k in mutations:
+            if field == "bbox_item":
+                dets[i]["bbox"][k] = value
+            elif field == "extra":
+                dets[i]["extra"] = value
+            else:
+                dets[i][field] = value
+        try:
+            metrics = evaluate_coco(gt, dets, backend="pycocotools")
+            scored = None
+        except ResultsError as e:
+            scored = e
+        try:
+            validate_results(dets, _image_info(gt), require_all_images=False)
+            submitted = None
+        except SubmissionError as e:
+            submitted = e
+        assert (scored is None) == (submitted is None), (scored, submitted)
+        if scored is None:
+            assert all(0.0 <= metrics[k] <= 1.0 for k in METRIC_KEYS)
+        else:
+            assert all(p.startswith("detection ") for p in scored.problems)
+            assert scored.problems == [p.replace("image-info file", "ground truth") for p in submitted.problems]
+
+    check()
+
+
+def test_parquet_ground_truth_scores_like_its_json(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data import AnnotationError, build_index
+
+    gt = _gt()
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    build_index(tmp_path / "gt.json", tmp_path / "gt.parquet")
+    dets = _perfect(gt)[:5]
+    m_json = evaluate_coco(tmp_path / "gt.json", dets)
+    m_parquet = evaluate_coco(tmp_path / "gt.parquet", dets)
+    assert m_parquet == m_json and 0 < m_json["AP"] < 1
+    pq.write_table(pa.table({"a": [1]}), tmp_path / "other.parquet")
+    with pytest.raises(AnnotationError, match=r"other.parquet is a Parquet file but not an atss-ray annotation index"):
+        evaluate_coco(tmp_path / "other.parquet", dets)
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(AnnotationError, match=r"junk.parquet is not a readable Parquet annotation index"):
+        load_ground_truth(tmp_path / "junk.parquet")
+
+
+def test_ground_truth_without_annotations_and_non_utf8_files_are_refused_by_name(tmp_path):
+    gt = _gt()
+    for anns in ([], [dict(a, iscrowd=1) for a in gt["annotations"]]):
+        (tmp_path / "empty.json").write_text(json.dumps(dict(gt, annotations=anns)))
+        with pytest.raises(ValueError, match=r"empty.json: no \(non-crowd\) annotation to score against"):
+            evaluate_coco(tmp_path / "empty.json", [])
+    (tmp_path / "latin1.json").write_bytes('[{"image_id": 10, "name": "caf\u00e9"}]'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"results file .*latin1.json is not valid JSON: not UTF-8 text"):
+        evaluate_coco(gt, tmp_path / "latin1.json")

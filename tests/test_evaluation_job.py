@@ -141,3 +141,101 @@ def test_sharding_over_ray_tasks_gives_the_same_results(ray_cluster, synthetic_c
     sharded = predict_sharded(state, spec, workers=2)
     assert len(local) > 0
     _assert_same_results(sharded, local)
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input: exit code 2 and a message naming the option, file or record (issue 15)
+# ------------------------------------------------------------------------------------------------
+def _exit(main, argv, capsys) -> tuple[int, str]:
+    """Run a job's main as its ``__main__`` does (pipeline.inference_cli.run_job)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.run_job(lambda: main(argv))
+    return e.value.code, capsys.readouterr().err
+
+
+def _gt_files(tmp_path: Path, annotations: bool = True) -> tuple[Path, Path]:
+    gt = {"images": [{"id": 1, "width": 100, "height": 80, "file_name": "1.jpg"}],
+          "categories": [{"id": 5, "name": "thing"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 5, "bbox": [10, 10, 50, 50], "area": 2500,
+                           "iscrowd": 0}] if annotations else []}
+    dets = [{"image_id": 1, "category_id": 5, "bbox": [10.0, 10.0, 50.0, 50.0], "score": 0.9}]
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    return tmp_path / "gt.json", tmp_path / "dets.json"
+
+
+def test_results_mode_bad_input_exits_2_naming_the_problem(tmp_path, capsys):
+    gt, dets = _gt_files(tmp_path)
+    negative = tmp_path / "negative.json"
+    negative.write_text(json.dumps([{"image_id": 1, "category_id": 5, "bbox": [10.0, 10.0, -5.0, 20.0], "score": 0.9}]))
+    code, err = _exit(evaluate_job.main, ["--results", str(negative), "--annotations", str(gt)], capsys)
+    assert code == 2 and "negative.json" in err and "detection 0 (image 1): bbox" in err and "non-positive width" in err
+    for bad in ("0", "-1", "x"):
+        code, err = _exit(evaluate_job.main, ["--results", str(dets), "--annotations", str(gt), "--max-dets", bad], capsys)
+        assert code == 2 and "--max-dets" in err and "integer >= 1" in err
+    (tmp_path / "empty").mkdir()
+    _gt_files(tmp_path / "empty", annotations=False)
+    code, err = _exit(evaluate_job.main, ["--results", str(dets), "--annotations", str(tmp_path / "empty/gt.json")], capsys)
+    assert code == 2 and "empty/gt.json: no (non-crowd) annotation" in err
+    code, _ = _exit(evaluate_job.main, ["--results", str(dets), "--annotations", str(gt)], capsys)
+    assert code == 0
+    code, err = _exit(lambda argv: (_ for _ in ()).throw(RuntimeError("a bug")), [], capsys)
+    assert code == 1 and "RuntimeError: a bug" in err and "internal error" in err
+
+
+def test_checkpoint_mode_bad_options_exit_2_before_inference(synthetic_checkpoint, tmp_path, capsys, monkeypatch):
+    import pipeline.inference
+
+    def no_inference(*a, **k):
+        raise AssertionError("inference must not start on bad input")
+
+    monkeypatch.setattr(pipeline.inference, "predict_sharded", no_inference)
+    ckpt = ["--checkpoint", str(synthetic_checkpoint)]
+    no_gpu = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    gt, _ = _gt_files(tmp_path, annotations=False)
+    (tmp_path / "images").mkdir()
+    for argv, expected in (
+            (["--tta-config", "{nope"], "--tta-config '{nope': neither valid JSON"),
+            (["--tta-config", '{"merge": "max"}'], "--tta-config: TTAConfig.merge: got 'max'; allowed: soft-vote | vote | nms"),
+            (["--tta-config", '{"scales": "abc"}'], "--tta-config: TTAConfig.scales"),
+            (["--device", no_gpu], f"--device '{no_gpu}'"),
+            (["--device", "tpu"], "--device 'tpu': allowed: cpu, cuda or cuda:N"),
+            (["--workers", "-1"], "--workers"),
+            (["--annotations", str(gt), "--images", str(tmp_path / "images")], "gt.json: no (non-crowd) annotation"),
+    ):
+        code, err = _exit(evaluate_job.main, ckpt + argv, capsys)
+        assert code == 2, (argv, err)
+        assert expected in err, (argv, err)
+    code, err = _exit(evaluate_job.main, ["--checkpoint", "runs:/0123abcd/model", "--mlflow-uri",
+                                          str(tmp_path / "store")], capsys)
+    assert code == 2 and "a plain path is not a tracking URI" in err
+
+
+def test_mismatched_checkpoint_and_missing_mlflow_model_exit_2(synthetic_checkpoint, tmp_path, capsys):
+    from pipeline.checkpoint import load_state, save_state
+
+    state = load_state(synthetic_checkpoint)
+    state["detector_config"] = dict(state["detector_config"], num_classes=4)  # weights are for 3
+    save_state(state, tmp_path / "mismatch")
+    code, err = _exit(evaluate_job.main, ["--checkpoint", str(tmp_path / "mismatch")], capsys)
+    assert code == 2 and "mismatch" in err and "checkpoint weights do not match the detector config" in err
+    assert "shape differs for" in err and "cls_logits" in err
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for uri in ("runs:/0123456789abcdef0123456789abcdef/model", "models:/no_such_model/1"):
+        code, err = _exit(evaluate_job.main, ["--checkpoint", uri, "--mlflow-uri", store], capsys)
+        assert code == 2 and f"MLflow model {uri} not found in the tracking store {store}" in err, err
+
+
+def test_help_documents_exit_codes_and_main_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate_job.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "Exit codes:" in out and "2  bad input" in out and "1  internal failure" in out
+    gt, _ = _gt_files(tmp_path)
+    (tmp_path / "scores.json").write_text(json.dumps([{"image_id": 1, "category_id": 5, "bbox": [1, 1, 5, 5],
+                                                      "score": "0.93"}]))
+    out = subprocess.run([sys.executable, str(REPO / "jobs/evaluate.py"), "--results", str(tmp_path / "scores.json"),
+                          "--annotations", str(gt)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2 and "score '0.93' is not a finite number" in out.stderr and "Traceback" not in out.stderr

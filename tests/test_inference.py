@@ -140,3 +140,36 @@ def test_identity_pass_equals_plain_single_scale_inference(tiny_model):
     torch.testing.assert_close(identity["boxes"], plain["boxes"])
     torch.testing.assert_close(identity["scores"], plain["scores"])
     assert torch.equal(identity["labels"], plain["labels"])
+
+
+def test_prediction_runs_in_fp32_inside_an_autocast_region(tiny_model):
+    """A training step under bf16 autocast that evaluates must still get fp32 detections: predict
+    and the TTA loop switch autocast off, so the results equal those of a plain fp32 call."""
+    from pipeline.data import DetectionTransform, collate
+
+    img = torch.randint(0, 256, (3, 90, 140), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    image, target = DetectionTransform(64, 256)(img, {"boxes": torch.zeros(0, 4), "crowd_boxes": torch.zeros(0, 4),
+                                                      "image_id": 9, "orig_size": (90, 140)}, None)
+    batch = collate([(image, target)])
+    cfg = TTAConfig(**_TINY_TTA)
+    [plain] = predict(tiny_model, [batch])
+    [plain_tta] = tta_detect(tiny_model, [img], cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        [inside] = predict(tiny_model, [batch])
+        [inside_tta] = tta_detect(tiny_model, [img], cfg)
+        with torch.inference_mode():  # the same forward without the guard does run in bf16
+            [raw] = tiny_model(batch[0], image_sizes=[target["image_size"]], original_sizes=[(90, 140)])
+    assert len(plain["scores"]) > 0 and len(plain_tta["scores"]) > 0
+    for a, b in ((plain, inside), (plain_tta, inside_tta)):
+        assert b["boxes"].dtype == b["scores"].dtype == torch.float32
+        assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])
+        assert torch.equal(a["labels"], b["labels"])
+    assert raw["scores"].shape != plain["scores"].shape or not torch.equal(raw["scores"].float(), plain["scores"])
+
+
+def test_predict_tta_gives_predicts_format_with_category_ids(tiny_model):
+    images = [torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))]
+    out = predict_tta(tiny_model, [(images, [{"image_id": 3}])], "cpu", TTAConfig(**_TINY_TTA, merge="vote"),
+                      category_map=list(range(11, 91)))  # the tiny preset's 80 classes
+    assert [o["image_id"] for o in out] == [3] and len(out[0]["scores"]) > 0
+    assert torch.equal(out[0]["category_ids"], out[0]["labels"] + 10)

@@ -170,3 +170,56 @@ def test_source_run_of_mlflow_uris(tmp_path, monkeypatch):
     assert testdev_job.source_run_id("models:/atss-tiny/1", {}, uri) == run_id
     assert testdev_job.source_run_id("models:/atss-tiny/latest", {}, uri) == run_id
     assert not (tmp_path / "mlflow.db").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# --validate: the same rules as jobs/evaluate.py --results, exit code 2 naming the file (issue 15)
+# ------------------------------------------------------------------------------------------------
+def _exit(argv, capsys) -> tuple[int, str]:
+    from pipeline.inference_cli import run_job
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_job(lambda: testdev_job.main(argv))
+    return e.value.code, capsys.readouterr().err
+
+
+def test_validate_refuses_non_numbers_corrupt_zips_and_non_utf8_files(tmp_path, capsys):
+    info = tmp_path / "image_info.json"
+    info.write_text(json.dumps({"images": [{"id": 1, "width": 100, "height": 80, "file_name": "1.jpg"}],
+                                "categories": [{"id": 5, "name": "thing"}]}))
+    good = {"image_id": 1, "category_id": 5, "bbox": [1.0, 1.0, 10.0, 10.0], "score": 0.5}
+    name = "detections_test-dev2017_x_results.json"
+    path = tmp_path / name
+    path.write_text(json.dumps([good]))
+    assert _exit(["--validate", str(path), "--image-info", str(info)], capsys)[0] == 0
+    for field, value, message in (("score", "0.93", "score '0.93' is not a finite number in [0, 1]"),
+                                  ("score", None, "score None is not a finite number"),
+                                  ("bbox", [1.0, 1.0, "10", 10.0], "holds a non-finite or non-numeric value"),
+                                  ("bbox", [1.0, 1.0, 10.0, -2.0], "non-positive width or height")):
+        path.write_text(json.dumps([dict(good, **{field: value})]))
+        with pytest.raises(SubmissionError, match="detection 0 \\(image 1\\)"):
+            testdev_job.main(["--validate", str(path), "--image-info", str(info)])
+        code, err = _exit(["--validate", str(path), "--image-info", str(info)], capsys)
+        assert code == 2 and message in err and str(path) in err and "Traceback" not in err
+    corrupt = tmp_path / "detections_test-dev2017_x_results.zip"
+    corrupt.write_bytes(b"PK\x03\x04 truncated")
+    code, err = _exit(["--validate", str(corrupt), "--image-info", str(info)], capsys)
+    assert code == 2 and str(corrupt) in err and "not a readable zip archive" in err
+    with zipfile.ZipFile(corrupt, "w") as zf:
+        zf.writestr(name, '[{"image_id": 1, "note": "caf\u00e9"}]'.encode("latin-1"))
+    code, err = _exit(["--validate", str(corrupt), "--image-info", str(info)], capsys)
+    assert code == 2 and str(corrupt) in err and "not UTF-8 text" in err
+    path.write_bytes('[{"image_id": 1, "note": "caf\u00e9"}]'.encode("latin-1"))
+    code, err = _exit(["--validate", str(path), "--image-info", str(info)], capsys)
+    assert code == 2 and str(path) in err and "not UTF-8 text" in err
+    for bad in ("0", "-1"):
+        code, err = _exit(["--validate", str(path), "--image-info", str(info), "--max-dets", bad], capsys)
+        assert code == 2 and "--max-dets" in err
+
+
+def test_help_documents_exit_codes(capsys):
+    with pytest.raises(SystemExit) as e:
+        testdev_job.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "Exit codes:" in out and "2  bad input" in out

@@ -1,4 +1,5 @@
-"""Test-time augmentation: passes of the spec, area filters, soft-vote merge on hand-built boxes."""
+"""Test-time augmentation: passes of the spec, area filters, the soft-vote / vote / nms merges on
+hand-built boxes."""
 from __future__ import annotations
 
 import math
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.tta import TTAConfig, TTAPass, area_filter, cap_detections, merge_passes, soft_vote
+from pipeline.tta import (TTAConfig, TTAPass, area_filter, cap_detections, merge_passes, nms_merge, soft_vote,
+                          vote)
 
 
 def _iou(a, b) -> float:
@@ -158,3 +160,70 @@ def test_merge_passes_caps_per_image_keeping_ties():
     # the cut at the 3rd score (0.5) keeps every tie: 0.9, 0.8 and the three 0.5s
     assert out["scores"].tolist() == pytest.approx([0.9, 0.8, 0.5, 0.5, 0.5])
     assert cap_detections(torch.tensor([0.3, 0.2]), 5).tolist() == [0, 1]
+
+
+# ------------------------------------------------------------------------------------------------
+# the official vote and nms merges (ATSS bbox_aug MERGE_TYPE "vote" / "nms")
+# ------------------------------------------------------------------------------------------------
+A, B, G, FAR = [0.0, 0.0, 10.0, 10.0], [1.0, 0.0, 11.0, 10.0], [0.0, 0.0, 10.0, 11.0], [50.0, 50.0, 60.0, 60.0]
+
+
+def test_vote_keeps_only_the_merged_box_of_each_cluster():
+    # IoU(A, B) = 90/110 and IoU(A, G) = 100/110, both >= 0.66: one cluster headed by A (0.9)
+    boxes = torch.tensor([B, FAR, A, G])
+    scores = torch.tensor([0.6, 0.7, 0.9, 0.3])
+    out_b, out_s, out_l = vote(boxes, scores, torch.tensor([1, 1, 1, 1]))
+    assert out_s.tolist() == pytest.approx([0.9, 0.7])  # no damped members, unlike soft-vote
+    # (0.9 A + 0.6 B + 0.3 G) / 1.8
+    assert out_b[0].tolist() == pytest.approx([0.6 / 1.8, 0.0, 18.6 / 1.8, 18.3 / 1.8], abs=1e-5)
+    assert out_b[1].tolist() == FAR  # a one-box cluster stays exactly as it was
+    assert out_l.tolist() == [1, 1]
+
+
+def test_vote_never_merges_across_classes_and_handles_empty_input():
+    boxes = torch.tensor([A, B])
+    out_b, out_s, out_l = vote(boxes, torch.tensor([0.9, 0.6]), torch.tensor([1, 2]))
+    assert out_b.tolist() == [A, B] and out_s.tolist() == pytest.approx([0.9, 0.6]) and out_l.tolist() == [1, 2]
+    empty = vote(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long))
+    assert [t.shape[0] for t in empty] == [0, 0, 0]
+
+
+def test_nms_merge_suppresses_same_class_overlaps_above_its_iou():
+    # IoU(A, B) = 0.818 > 0.6: B goes; IoU(A, C) = 100/170 = 0.588 < 0.6: C stays unchanged;
+    # the copy of A in class 2 never competes with class 1
+    C = [0.0, 0.0, 10.0, 17.0]
+    boxes = torch.tensor([B, C, A, A])
+    scores = torch.tensor([0.6, 0.5, 0.9, 0.4])
+    labels = torch.tensor([1, 1, 1, 2])
+    out_b, out_s, out_l = nms_merge(boxes, scores, labels, 0.6)
+    assert out_s.tolist() == pytest.approx([0.9, 0.5, 0.4])
+    assert out_b.tolist() == [A, C, A]
+    assert out_l.tolist() == [1, 1, 2]
+    # at IoU 0.59 the threshold falls below IoU(A, C): C is suppressed too
+    assert nms_merge(boxes, scores, labels, 0.58)[1].tolist() == pytest.approx([0.9, 0.4])
+
+
+@pytest.mark.parametrize("merge", ["soft-vote", "vote", "nms"])
+def test_merge_passes_applies_the_configured_merge(merge):
+    per_pass = [{"boxes": torch.tensor([A, FAR]), "scores": torch.tensor([0.9, 0.7]), "labels": torch.tensor([1, 1])},
+                {"boxes": torch.tensor([B]), "scores": torch.tensor([0.6]), "labels": torch.tensor([1])}]
+    cfg = TTAConfig(merge=merge)
+    out = merge_passes(per_pass, cfg)
+    union = (torch.tensor([A, FAR, B]), torch.tensor([0.9, 0.7, 0.6]), torch.tensor([1, 1, 1]))
+    expected = {"soft-vote": soft_vote(*union, cfg.vote_iou, cfg.vote_score_threshold),
+                "vote": vote(*union, cfg.vote_iou), "nms": nms_merge(*union, cfg.nms_iou)}[merge]
+    for got, want in zip((out["boxes"], out["scores"], out["labels"]), expected):
+        assert torch.equal(got, want)
+    assert len(out["scores"]) == {"soft-vote": 3, "vote": 2, "nms": 2}[merge]
+    assert TTAConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_config_rejects_wrong_types_and_unknown_merges_naming_the_field():
+    for field, value in (("merge", "max"), ("merge", 1), ("nms_iou", 0.0), ("vote_iou", "0.66"),
+                         ("hflip", "yes"), ("max_per_image", 10.5), ("max_per_image", True),
+                         ("scales", "abc"), ("scales", [400.5]), ("scale_ranges", [["a", 1]])):
+        with pytest.raises(ValueError, match=f"TTAConfig.{field}: got"):
+            TTAConfig.from_dict({field: value, **({"scale_ranges": [[0, None]]} if field == "scales" else {}),
+                                 **({"scales": [400]} if field == "scale_ranges" else {})})
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        TTAConfig.from_dict([1, 2])
