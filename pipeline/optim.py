@@ -221,7 +221,8 @@ def load_training_state(optimizer: torch.optim.Optimizer, scheduler: WarmupMulti
     run name, lower ``base_lr``). Call it on a freshly built optimiser and scheduler, whose groups
     hold the current LRs and decays; ``iteration`` is where the run continues.
     """
-    fresh = [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups]
+    # initial_lr: the scheduler has already scaled "lr" to iteration 0's warm-up value
+    fresh = [(g.get("initial_lr", g["lr"]), g["weight_decay"]) for g in optimizer.param_groups]
     optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(scheduler_state)
     scheduler.steps = list(schedule.steps)

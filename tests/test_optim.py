@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.optim import (WarmupMultiStepLR, build_optimizer, grad_norm, param_groups,
-                            resolve_schedule)
+from pipeline.optim import (Schedule, WarmupMultiStepLR, build_optimizer, grad_norm, load_training_state,
+                            param_groups, resolve_schedule)
 
 
 class _Head(nn.Module):
@@ -107,3 +107,31 @@ def test_grad_norm_clips_and_reports_non_finite():
     assert float(p.grad.norm()) == pytest.approx(1.0, rel=1e-4)
     p.grad = torch.tensor([math.nan, 1.0, 0.0, 0.0])
     assert not math.isfinite(float(grad_norm([p], 1.0)))
+
+
+def test_resume_keeps_momentum_and_position_but_takes_the_new_lr_and_steps():
+    torch.manual_seed(0)
+    model = _Head()
+    old = resolve_schedule(4, None, iterations=10, base_lr=0.04, warmup_iters=2)
+    opt = build_optimizer(model, old)
+    sched = WarmupMultiStepLR(opt, old)
+    for _ in range(5):
+        opt.zero_grad()
+        model.gn(model.conv(torch.randn(1, 3, 5, 5))).sum().mul(model.scale).backward()
+        opt.step()
+        sched.step()
+    saved_opt, saved_sched = opt.state_dict(), sched.state_dict()
+
+    # resubmitted with a lower LR and a longer run whose step is at 6: continue at iteration 5
+    new = resolve_schedule(4, None, iterations=20, steps=[6], base_lr=0.008, warmup_iters=2)
+    opt2 = build_optimizer(model, new, momentum=0.8)
+    sched2 = WarmupMultiStepLR(opt2, new)
+    load_training_state(opt2, sched2, new, saved_opt, saved_sched, 5, momentum=0.8)
+    lrs = [g["lr"] for g in opt2.param_groups]
+    assert lrs == pytest.approx([0.002, 0.004])  # 0.008 @ 16 -> 0.002 @ 4; biases x2; before the step at 6
+    assert all(g["momentum"] == 0.8 for g in opt2.param_groups)
+    buf = opt2.state[model.conv.weight]["momentum_buffer"]
+    assert torch.equal(buf, opt.state[model.conv.weight]["momentum_buffer"])  # momentum kept
+    sched2.step()  # iteration 6: the new step applies
+    assert [g["lr"] for g in opt2.param_groups] == pytest.approx([0.0002, 0.0004])
+    assert Schedule.from_dict(new.to_dict()) == new
