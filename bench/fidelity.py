@@ -12,7 +12,9 @@ of our own assigner and losses, so that the one rule under test is the only thin
    (``x2 = x + w - 1``, clipped to ``W - 1``, x2 scaled by the resize ratio as is, IoU and box
    sizes with ``+1``, anchor ``[c - (s-1)/2, c + (s-1)/2]``). Official IoUs equal continuous IoUs of
    the boxes grown by 1 px to the right and bottom; official centres then sit 0.5 px before those
-   boxes' midpoints, which makes the official 0.01 px centre margin 0.51 px. Reported: positives,
+   boxes' midpoints, which makes the official 0.01 px centre margin 0.51 px (that this is the
+   official assignment is checked against a "+1" transcription in tests/test_assign_atss.py).
+   Reported: positives,
    anchors assigned differently, GTs without a positive, and per size bin the ratio
    official / ours of the GIoU loss (prediction = the anchor, as at the start of training; and a
    prediction 1 px off the GT on both axes) and of the centerness target, on the positives both

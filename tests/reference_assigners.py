@@ -11,14 +11,24 @@ import torch
 from detector.assigners import box_centers, centers_inside, pairwise_iou
 
 
+def plus_one_iou(boxes: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """The official ``boxlist_iou`` ("+1" widths) of boxes float[K, 4] with one box float[4]."""
+    area1 = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
+    area2 = (box[2] - box[0] + 1) * (box[3] - box[1] + 1)
+    wh = (torch.minimum(boxes[:, 2:], box[2:]) - torch.maximum(boxes[:, :2], box[:2]) + 1).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    return inter / (area1 + area2 - inter)
+
+
 def reference_atss_assign(anchors: torch.Tensor, num_anchors_per_level: list[int], gt_boxes: torch.Tensor,
-                          topk: int = 9, anchors_per_location: int = 1) -> torch.Tensor:
+                          topk: int = 9, anchors_per_location: int = 1, plus_one: bool = False) -> torch.Tensor:
     """ATSS, one image: anchors float[N, 4], gt_boxes float[G, 4] xyxy -> int64[N], GT index or -1.
 
     Same conventions as :func:`detector.assigners.atss_assign`: squared centre distances in float32,
     a stable sort per level (equal distances -> lower anchor index), threshold mean + unbiased std
     of the candidates' IoUs, centre strictly inside the GT by 0.01 px, largest IoU wins (lower GT
-    index on ties)."""
+    index on ties). ``plus_one``: IoUs as the official code computes them (boxes in its "+1"
+    coordinates)."""
     n, g = anchors.shape[0], gt_boxes.shape[0]
     if g == 0:
         return torch.full((n,), -1, dtype=torch.long)
@@ -35,7 +45,7 @@ def reference_atss_assign(anchors: torch.Tensor, num_anchors_per_level: list[int
             candidates.append(order[: min(topk * anchors_per_location, n_l)] + start)
             start += n_l
         cand = torch.cat(candidates)
-        ious = pairwise_iou(anchors[cand], box)
+        ious = plus_one_iou(anchors[cand], box) if plus_one else pairwise_iou(anchors[cand], box)
         thresh = ious.mean() + (ious.std() if cand.numel() > 1 else 0.0)
         keep = (ious >= thresh) & centers_inside(box_centers(anchors[cand]), box)
         claimed[cand[keep], j] = ious[keep]

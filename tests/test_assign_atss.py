@@ -7,8 +7,8 @@ import pytest
 import torch
 from reference_assigners import reference_atss_assign
 
-from detector.anchors import AnchorGenerator
-from detector.assigners import atss_assign, atss_assign_batched, atss_candidates, box_centers
+from detector.anchors import AnchorGenerator, AnchorSet
+from detector.assigners import ATSSAssigner, atss_assign, atss_assign_batched, atss_candidates, box_centers
 
 STRIDES = (8, 16, 32, 64, 128)
 
@@ -163,3 +163,24 @@ def test_bad_shapes_are_clear_errors():
         atss_assign(_quad(), [4], torch.zeros(4))
     with pytest.raises(ValueError, match="num_anchors_per_level"):
         atss_assign(_quad(), [3], torch.tensor([[0.0, 0, 12, 12]]))
+
+
+def test_official_plus_one_convention_is_our_assigner_on_grown_boxes():
+    """bench/fidelity.py measures the "+1" convention by running our assigner on the official boxes
+    grown 1 px right/bottom, anchors shifted by 0.5 px and a 0.51 px centre margin; that must be the
+    official assignment (checked against a "+1" transcription)."""
+    gen = torch.Generator().manual_seed(11)
+    anchor_set = _anchors(192, 320)
+    official_anchors = anchor_set.anchors + torch.tensor([0.5, 0.5, -0.5, -0.5])  # [c - (s-1)/2, c + (s-1)/2]
+    shifted = AnchorSet(anchor_set.anchors + 0.5, anchor_set.strides, anchor_set.levels, anchor_set.num_per_level)
+    assigner = ATSSAssigner(topk=9, center_margin=0.51)
+    checked = 0
+    for n in (30, 12):
+        gts = _random_boxes(gen, n, 192, 320) - torch.tensor([0.0, 0.0, 1.0, 1.0])  # official x2 = x + w - 1
+        gts = gts[(gts[:, 2] > gts[:, 0]) & (gts[:, 3] > gts[:, 1])]  # the official code drops the others
+        official = reference_atss_assign(official_anchors, anchor_set.num_per_level, gts, plus_one=True)
+        grown = gts + torch.tensor([0.0, 0.0, 1.0, 1.0])
+        mapped = assigner(shifted, grown[None], torch.ones(1, gts.shape[0], dtype=torch.bool))[0]
+        assert torch.equal(mapped, official)
+        checked += int((official >= 0).sum())
+    assert checked > 0
