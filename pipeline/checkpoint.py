@@ -14,7 +14,7 @@ only, so it loads with ``torch.load(weights_only=True)`` (no pickled classes)::
      "extra": {...}  (e.g. the MLflow run id)}
 
 :func:`load_detector` accepts such a directory, the ``state.pt`` file itself, or an MLflow model URI
-(``runs:/<id>/model``, ``models:/<name>/<version>``) of a model logged by :mod:`pipeline.train`
+(``runs:/<id>/model``, ``models:/<name>/<version>``) of a model logged by :mod:`pipeline.training`
 (``mlflow.pytorch`` with this ``state.pt`` as an extra file).
 """
 from __future__ import annotations
@@ -168,7 +168,7 @@ def _state_from_mlflow(uri: str, tracking_uri: str | None = None) -> dict:
         if c.is_file():
             return load_state(c)
     raise FileNotFoundError(f"MLflow model {uri} holds no {STATE_FILE} (looked in extra_files/); "
-                            "log models with pipeline.train so the detector config travels with them")
+                            "log models with pipeline.training so the detector config travels with them")
 
 
 def read_checkpoint(source: str | os.PathLike, tracking_uri: str | None = None) -> dict:
