@@ -9,7 +9,7 @@ import torchvision
 from torchvision.ops import FrozenBatchNorm2d
 
 from detector import build_detector, get_preset
-from detector.anchors import AnchorGenerator
+from detector.anchors import AnchorGenerator, cell_anchors
 from detector.backbone import ModulatedDeformConv2d, ResNetBody
 from detector.box_coder import DeltaBoxCoder, PointCoder
 
@@ -94,8 +94,6 @@ def test_table7_anchor_shapes_are_the_official_ones(scales_per_octave, anchor_sc
 
 
 def test_tiny_presets_keep_their_square_anchors():
-    from detector.anchors import cell_anchors
-
     for stride in STRIDES:
         half = 4.0 * stride
         assert cell_anchors(stride, 8.0, 1, (1.0,)).tolist() == [[-half, -half, half, half]]
