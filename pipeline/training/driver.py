@@ -22,15 +22,13 @@ from pipeline.data import resolve_split
 from pipeline.resources import torch_backend
 
 from .config import TrainConfig
+from .hooks import known_mlflow_run, remember_mlflow_run
 from .session import ray_train_logging
 from .store import Store
 from .worker import train_in_process, train_loop_per_worker
 
 __all__ = ["TrainResult", "run_training", "build_trainer", "tracked_training", "connect_ray", "worker_error",
            "check_data_paths", "check_workers", "has_checkpoints"]
-
-MLFLOW_MARKER = "atss/mlflow_run.json"
-
 
 @dataclass
 class TrainResult:
@@ -177,12 +175,10 @@ def tracked_training(cfg: TrainConfig, run_name: Optional[str] = None,
     store = Store(cfg.storage_path, cfg.run_name)
     mlflow = cfg.mlflow
     if mlflow.run_id is None:
-        known = store.read_json(MLFLOW_MARKER)
-        if known and known.get("tracking_uri") == mlflow.uri:
-            mlflow = mlflow.replace(run_id=known["run_id"])
+        mlflow = mlflow.replace(run_id=known_mlflow_run(store, mlflow.uri))
     with tracking.run_lifecycle(mlflow, run_name or cfg.run_name, tags={"atss.run_dir": store.uri},
                                 clear_tags=clear_tags, error_of=worker_error) as run:
-        store.write_json(MLFLOW_MARKER, {"tracking_uri": run.uri, "run_id": run.run_id})
+        remember_mlflow_run(store, run.uri, run.run_id)
         yield cfg.replace(mlflow=mlflow.replace(run_id=run.run_id))
 
 

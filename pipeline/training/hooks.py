@@ -39,9 +39,11 @@ from pipeline.inference import predict, to_coco_results
 from .config import TrainConfig
 from .loop import LOSS_KEYS, HookBase, NonFiniteLossError, Trainer
 from .session import Session
+from .store import Store
 
 __all__ = ["ASSIGN_KEYS", "WorkerTracker", "FaultInjection", "NonFiniteGuard", "MetricsLogger", "PeriodicEval",
-           "CheckpointReport", "FinalArtifacts", "check_nonfinite_marker", "summary"]
+           "CheckpointReport", "FinalArtifacts", "check_nonfinite_marker", "summary", "known_mlflow_run",
+           "remember_mlflow_run"]
 
 ASSIGN_KEYS = ("num_gt", "num_pos", "pos_per_gt", "gt_without_pos",
                "pos_level_0", "pos_level_1", "pos_level_2", "pos_level_3", "pos_level_4")
@@ -52,6 +54,16 @@ MLFLOW_MARKER = "atss/mlflow_run.json"  # the run directory remembers its MLflow
 # ----------------------------------------------------------------------------------------------
 # MLflow from rank 0
 # ----------------------------------------------------------------------------------------------
+def known_mlflow_run(store: Store, uri: str) -> Optional[str]:
+    """The MLflow run this run directory logged to before, if it was in the same store ``uri``."""
+    known = store.read_json(MLFLOW_MARKER)
+    return known.get("run_id") if known and known.get("tracking_uri") == uri else None
+
+
+def remember_mlflow_run(store: Store, uri: str, run_id: str) -> None:
+    store.write_json(MLFLOW_MARKER, {"tracking_uri": uri, "run_id": run_id})
+
+
 class WorkerTracker:
     """MLflow logging of rank 0 inside the run's lifecycle (a no-op on other ranks and without MLflow).
 
@@ -71,8 +83,7 @@ class WorkerTracker:
             return self.cfg.mlflow.run_id
         if self.state is not None and self.state.get("extra", {}).get("mlflow_run_id"):
             return self.state["extra"]["mlflow_run_id"]
-        known = self.session.store.read_json(MLFLOW_MARKER)
-        return known.get("run_id") if known and known.get("tracking_uri") == self.uri else None
+        return known_mlflow_run(self.session.store, self.uri)
 
     def __enter__(self) -> "WorkerTracker":
         if not self.active:
@@ -82,7 +93,7 @@ class WorkerTracker:
                                                        **self.session.placement_tags()},
                                                  activate=True)
         self.run_id = self._lifecycle.__enter__().run_id
-        self.session.store.write_json(MLFLOW_MARKER, {"tracking_uri": self.uri, "run_id": self.run_id})
+        remember_mlflow_run(self.session.store, self.uri, self.run_id)
         return self
 
     def __exit__(self, *exc) -> bool:
