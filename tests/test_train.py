@@ -1,7 +1,5 @@
 """Training loop without Ray: config validation, exact resume, NaN guard, normaliser all-reduce, precision, COCO run."""
 import json
-import math
-import os
 import socket
 from pathlib import Path
 
