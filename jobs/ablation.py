@@ -5,13 +5,15 @@
     python jobs/ablation.py --table anchor_scale --values 6..9 --preset atss_r50 --data coco:/data/coco
     python jobs/ablation.py --space "k=5..15:2; scale~6..9" --num-samples 4 --asha
     python jobs/ablation.py --table backbone --device gpu --dry-run
+    python jobs/ablation.py --table k --values 5,9 --amp bf16 --device gpu
     ray job submit --working-dir . -- python jobs/ablation.py --table k
 
 Every trial trains on Ray Train workers; each trial is one MLflow child run under a parent run for
 the sweep. At the end the table (ours beside the paper's) is printed and written as Markdown and
 Parquet with a PNG of AP against the swept value. ``--dry-run`` lists the trials without starting
-anything (``--json``: as one JSON list on the last line). Re-running with the same ``--name`` (or
-``--resume``) continues an interrupted sweep.
+anything (``--json``: each trial's full config, the one Tune carries and the trial trains, as one
+JSON list on the last line). Re-running with the same ``--name`` (or ``--resume``) continues an
+interrupted sweep.
 """
 from __future__ import annotations
 
