@@ -3,8 +3,8 @@ shared options, and the one place where they become objects (checkpoint state, d
 settings, :class:`pipeline.inference.InferenceSpec`). Every bad value is refused here, before any
 inference runs, with a message naming the option, the value and what is allowed.
 
-Exit codes of both jobs (:func:`run_job`): 0 success, 2 bad input (an option, file or record,
-named in the message), 1 internal failure (with its traceback).
+Both jobs end through :func:`run_job` (:func:`pipeline.cli.run_main`): exit 0 success, 2 bad input
+(one line naming the option, file or record), 1 internal failure (with its traceback).
 """
 from __future__ import annotations
 
@@ -12,36 +12,34 @@ import argparse
 import json
 import re
 import sys
-import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from pipeline.checkpoint import is_mlflow_uri
+from pipeline.cli import UsageError, call_main, run_main
 from pipeline.data import DataConfig, TooManyBadImagesError
 from pipeline.inference import InferenceSpec, load_model_state
 from pipeline.tracking import absolute_tracking_uri, default_tracking_uri
 from pipeline.tta import TTAConfig
 
-EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
-EXIT_CODES_EPILOG = """Exit codes:
-  0  success
-  2  bad input: an option, file or record that cannot be used (the message names it, the value
-     and what is allowed); nothing already written is lost
-  1  internal failure (a traceback follows)"""
-# Errors that mean "the input cannot be used": FileNotFoundError / ValueError (incl. annotation,
-# results and submission errors) / unreadable images.
+# The bad input of these jobs besides FieldError / UsageError: missing files and folders, values
+# and records that cannot be used (annotation, results and submission errors are ValueErrors),
+# unreadable images.
 BAD_INPUT_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError,
                     TooManyBadImagesError)
+BAD_INPUT_HANDLED = """bad input handled (exit 2): missing or unreadable checkpoint, annotation, image-info,
+results or submission files (corrupt .zip, invalid JSON, non-UTF-8); MLflow model URIs that do not
+exist; a plain path as --mlflow-uri; weights that do not match their detector config; results that
+break the rules (field, type, range: each detection named); ground truth without annotations;
+--max-dets/--batch-size/--test-min-size/--max-size < 1, --workers < 0, a bad --tta-config,
+--device other than cpu/cuda/cuda:N or cuda without a GPU; unreadable images."""
 _URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
-class BadOption(ValueError):
-    """A command-line value that cannot be used; the message names the option."""
-
-    def __init__(self, option: str, value, allowed: str, detail: str = ""):
-        super().__init__(f"{option} {value!r}: {detail + '; ' if detail else ''}allowed: {allowed}")
+def _bad(option: str, value, allowed: str, detail: str = "") -> UsageError:
+    return UsageError(f"{option} {value!r}: {detail + '; ' if detail else ''}allowed: {allowed}")
 
 
 def positive_int(text: str) -> int:
@@ -96,7 +94,7 @@ def tracking_uri(mlflow_uri: str | None) -> str:
     if not mlflow_uri:
         return default_tracking_uri()
     if mlflow_uri != "databricks" and not _URI_SCHEME.match(mlflow_uri):
-        raise BadOption("--mlflow-uri", mlflow_uri, "a tracking URI such as sqlite:///<path>/mlflow.db, "
+        raise _bad("--mlflow-uri", mlflow_uri, "a tracking URI such as sqlite:///<path>/mlflow.db, "
                         "http://<host>:<port> or databricks",
                         f"a plain path is not a tracking URI (for an sqlite store there: "
                         f"sqlite:///{Path(mlflow_uri).resolve()})")
@@ -116,13 +114,13 @@ def resolve_device(name: str | None) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     allowed = "cpu, cuda or cuda:N"
     if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
-        raise BadOption("--device", name, allowed)
+        raise _bad("--device", name, allowed)
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise BadOption("--device", name, "cpu", "CUDA is not available on this machine")
+            raise _bad("--device", name, "cpu", "CUDA is not available on this machine")
         index = int(name.split(":")[1]) if ":" in name else 0
         if index >= torch.cuda.device_count():
-            raise BadOption("--device", name, f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+            raise _bad("--device", name, f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
     return name
 
 
@@ -135,12 +133,12 @@ def tta_config(tta: bool, tta_config_text: str | None, test_min_size: int, max_s
             try:
                 text = path.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
-                raise BadOption("--tta-config", tta_config_text, "a JSON object or a JSON file",
+                raise _bad("--tta-config", tta_config_text, "a JSON object or a JSON file",
                                 f"cannot read the file ({e})") from None
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
-            raise BadOption("--tta-config", tta_config_text, "a JSON object or a JSON file",
+            raise _bad("--tta-config", tta_config_text, "a JSON object or a JSON file",
                             f"neither valid JSON nor an existing file ({e})") from None
         try:
             return TTAConfig.from_dict(d)
@@ -174,18 +172,12 @@ def inference_spec(args: argparse.Namespace, data_cfg: DataConfig, ann_file, ima
     return spec, tta
 
 
-def run_job(main: Callable[[], object]) -> None:
-    """Run a job's ``main`` and exit with the documented code (see :data:`EXIT_CODES_EPILOG`)."""
-    try:
-        main()
-    except BAD_INPUT_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except Exception:
-        traceback.print_exc()
-        print("internal error (exit 1): the traceback above is a bug or an environment failure",
-              file=sys.stderr)
-        sys.exit(EXIT_INTERNAL)
-    sys.exit(EXIT_OK)
+def run_job(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
+    """End a job: :func:`pipeline.cli.run_main` with this module's bad-input classes (``main``'s
+    return value is for Python callers; the exit code is 0)."""
+    run_main(lambda a: (main(a), None)[1], argv, errors=BAD_INPUT_ERRORS)
+
+
+def exit_code(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
+    """The exit code :func:`run_job` would end with (messages go to stderr as there)."""
+    return call_main(lambda a: (main(a), None)[1], argv, errors=BAD_INPUT_ERRORS)

@@ -30,13 +30,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torchvision.ops import batched_nms, box_area, box_iou
+
+from detector.fields import Rule, check_value
 
 INF = math.inf
 MERGES = ("soft-vote", "vote", "nms")
@@ -53,10 +55,6 @@ class TTAPass:
     max_size: int
     hflip: bool
     area_range: tuple[float, float] | None
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_number(v: Any) -> bool:
@@ -86,26 +84,25 @@ class TTAConfig:
     nms_iou: float = 0.6  # IoU of the "nms" merge (the official code reuses MODEL.ATSS.NMS_TH)
     max_per_image: int = 1000
 
-    def __post_init__(self) -> None:
-        def bad(field: str, value: Any, allowed: str) -> ValueError:
-            return ValueError(f"TTAConfig.{field}: got {value!r}; allowed: {allowed}")
+    RULES: ClassVar[Mapping[str, Rule]] = {
+        "test_min_size": Rule(ge=1), "test_max_size": Rule(ge=1), "max_size": Rule(ge=1),
+        "max_per_image": Rule(ge=1), "scales": Rule(ge=1, nonempty=True), "merge": Rule(choices=MERGES),
+        "vote_iou": Rule(gt=0, le=1), "nms_iou": Rule(gt=0, le=1), "vote_score_threshold": Rule(ge=0, le=1),
+    }
 
-        for name in ("test_min_size", "test_max_size", "max_size", "max_per_image"):
-            v = getattr(self, name)
-            if not _is_int(v) or v <= 0:
-                raise bad(name, v, "a positive int")
-        for name in ("hflip", "scale_hflip"):
-            if not isinstance(getattr(self, name), bool):
-                raise bad(name, getattr(self, name), "true or false")
-        if isinstance(self.scales, (str, bytes)) or not isinstance(self.scales, Sequence) \
-                or not all(_is_int(s) and s > 0 for s in self.scales):
-            raise bad("scales", self.scales, "a list of positive ints")
-        if isinstance(self.scale_ranges, (str, bytes)) or not isinstance(self.scale_ranges, Sequence) \
+    def __post_init__(self) -> None:
+        # Every field by type and range through the project's one mechanism, except scale_ranges,
+        # whose open upper end is infinite (field checks take finite numbers only).
+        for f in dataclasses.fields(self):
+            if f.name != "scale_ranges":
+                setattr(self, f.name, check_value(type(self), f.name, getattr(self, f.name)))
+        ranges = self.scale_ranges
+        if isinstance(ranges, (str, bytes)) or not isinstance(ranges, Sequence) \
                 or not all(isinstance(r, Sequence) and not isinstance(r, str) and len(r) == 2
-                           and all(_is_number(v) for v in r) for r in self.scale_ranges):
-            raise bad("scale_ranges", self.scale_ranges, "a list of [lo, hi] number pairs")
-        self.scales = tuple(self.scales)
-        self.scale_ranges = tuple((float(lo), float(hi)) for lo, hi in self.scale_ranges)
+                           and all(_is_number(v) for v in r) for r in ranges):
+            raise ValueError(f"TTAConfig.scale_ranges={ranges!r}: expected a list of [lo, hi] number pairs "
+                             "(hi may be null: no upper bound)")
+        self.scale_ranges = tuple((float(lo), float(hi)) for lo, hi in ranges)
         if len(self.scales) != len(self.scale_ranges):
             raise ValueError(f"TTAConfig: {len(self.scales)} scales but {len(self.scale_ranges)} "
                              "scale_ranges (one (lo, hi) per scale)")
@@ -113,13 +110,6 @@ class TTAConfig:
             if not 0 <= lo < hi:
                 raise ValueError(f"TTAConfig.scale_ranges: range ({lo}, {hi}) of scale {s} must "
                                  "satisfy 0 <= lo < hi")
-        if self.merge not in MERGES:
-            raise bad("merge", self.merge, " | ".join(MERGES))
-        for name, lo_open in (("vote_iou", True), ("nms_iou", True), ("vote_score_threshold", False)):
-            v = getattr(self, name)
-            ok = _is_number(v) and (0.0 < v <= 1.0 if lo_open else 0.0 <= v <= 1.0)
-            if not ok:
-                raise bad(name, v, "a number in (0, 1]" if lo_open else "a number in [0, 1]")
 
     def passes(self) -> list[TTAPass]:
         """All passes in the official order: test size (+ flip), then each scale (+ flip)."""

@@ -176,12 +176,12 @@ def test_source_run_of_mlflow_uris(tmp_path, monkeypatch):
 # --validate: the same rules as jobs/evaluate.py --results, exit code 2 naming the file (issue 15)
 # ------------------------------------------------------------------------------------------------
 def _exit(argv, capsys) -> tuple[int, str]:
-    from pipeline.inference_cli import run_job
+    """Exit code and stderr of jobs/testdev.py as its ``__main__`` runs it."""
+    from pipeline.inference_cli import exit_code
 
     capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        run_job(lambda: testdev_job.main(argv))
-    return e.value.code, capsys.readouterr().err
+    code = exit_code(testdev_job.main, argv)
+    return code, capsys.readouterr().err
 
 
 def test_validate_refuses_non_numbers_corrupt_zips_and_non_utf8_files(tmp_path, capsys):
@@ -222,4 +222,4 @@ def test_help_documents_exit_codes(capsys):
     with pytest.raises(SystemExit) as e:
         testdev_job.main(["--help"])
     out = capsys.readouterr().out
-    assert e.value.code == 0 and "Exit codes:" in out and "2  bad input" in out
+    assert e.value.code == 0 and "exit codes:" in out and "2    bad input" in out and "corrupt .zip" in out
