@@ -78,7 +78,10 @@ class ATSSDetector(nn.Module):
 
         The zero padding keeps batches bit-identical to normalising each image before padding it.
         """
-        out = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
+        # The host keeps uint8 batches channels-last (no transpose on the CPU); the layout change
+        # rides along with the dtype conversion here.
+        pixels = images.to(self.pixel_mean.dtype, memory_format=torch.contiguous_format)
+        out = (pixels - self.pixel_mean) / self.pixel_std
         if image_sizes is not None:
             hw = torch.as_tensor(image_sizes, device=images.device).view(-1, 2, 1)
             rows = torch.arange(out.shape[-2], device=images.device) < hw[:, 0]  # [B, H]

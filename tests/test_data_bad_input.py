@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from pipeline.data import (AnnotationError, CocoDetection, DataConfig, DetectionTransform, EmptyDatasetError,
-                           TooManyBadImagesError, build_dataset, build_index)
+                           EncodedImage, TooManyBadImagesError, build_dataset, build_index, collate, read_image)
 
 TF = DetectionTransform(48, 96, 0.0)  # keep the original size: 48x64 images
 
@@ -182,6 +182,42 @@ def test_grayscale_and_png_images_are_fine(tmp_path):
     Image.new("L", (64, 48), 128).save(img / "0000.jpg", format="PNG")  # wrong extension, grey
     image, t = CocoDetection(ann, img, train=True, transform=TF)[0]
     assert image.shape == (3, 48, 64) and torch.allclose(image[0], image[0, 0, 0].expand(48, 64))
+
+
+def test_gpu_decode_takes_jpegs_as_bytes_and_decodes_other_files_here(tmp_path):
+    ann, img = make_coco(tmp_path, [[OK_BOX]] * 4)
+    Image.new("L", (64, 48), 128).save(img / "0001.jpg", format="PNG")  # PNG under a .jpg name
+    Image.new("CMYK", (64, 48), (0, 50, 100, 0)).save(img / "0002.jpg", format="JPEG")  # not for nvJPEG
+    Image.new("L", (64, 48), 90).save(img / "0003.jpg", format="JPEG")  # grey JPEG: nvJPEG takes it
+    tf = DetectionTransform(24, 96, 0.5)
+    host = CocoDetection(ann, img, train=True, transform=tf)
+    deferred = CocoDetection(ann, img, train=True, transform=tf, gpu_decode=True)
+    samples = [deferred[(i, 1)] for i in range(4)]
+    assert all(isinstance(s, EncodedImage) for s, _ in samples)
+    assert [s.data is not None for s, _ in samples] == [True, False, False, True]
+    want, _ = collate([host[(i, 1)] for i in range(4)])
+    assert torch.equal(collate(samples)[0].to("cpu"), want)
+
+
+def test_gpu_decode_checks_the_header_size_and_needs_a_detection_transform(tmp_path):
+    ann, img = make_coco(tmp_path, [[OK_BOX]] * 3)
+    Image.new("RGB", (30, 30)).save(img / "0001.jpg")
+    ds = CocoDetection(ann, img, train=False, transform=TF, max_bad_fraction=0.5, gpu_decode=True)
+    assert ds[1][1]["image_id"] == 102 and "0001.jpg" in ds.bad_files[0]
+    with pytest.raises(ValueError, match="gpu_decode=True needs a DetectionTransform"):
+        CocoDetection(ann, img, train=False, transform=lambda im, t, rng: (im, t), gpu_decode=True)
+
+
+def test_read_image_decodes_jpeg_like_pil(tmp_path):
+    import numpy as np
+
+    arr = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(tmp_path / "a.jpg", quality=85)
+    with Image.open(tmp_path / "a.jpg") as im:
+        want = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+    assert torch.equal(read_image(tmp_path / "a.jpg"), want)
+    with pytest.raises(FileNotFoundError, match="image file not found: .*b.jpg"):
+        read_image(tmp_path / "b.jpg")
 
 
 # -- config ---------------------------------------------------------------------------------------

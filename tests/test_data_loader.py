@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import (DataConfig, GroupedBatchSampler, InferenceBatchSampler, build_dataloader, build_dataset,
-                           collate)
+from detector import build_detector, get_preset
+from detector.model import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.data import (DataConfig, EncodedBatch, GroupedBatchSampler, InferenceBatchSampler, build_dataloader,
+                           build_dataset, collate, pad_images)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +99,7 @@ def test_train_loader_batches(cfg):
     it = iter(dl)
     for _ in range(3):
         images, targets = next(it)
-        assert images.dtype == torch.float32 and images.shape[0] == 4
+        assert images.dtype == torch.uint8 and images.shape[0] == 4
         assert images.shape[-1] % 32 == 0 and images.shape[-2] % 32 == 0
         orient = {t["image_size"][0] > t["image_size"][1] for t in targets}
         assert len(orient) == 1
@@ -174,3 +176,101 @@ def test_loaders_follow_torch_distributed(cfg, tmp_path):
     assert r0["val"] + r1["val"] == val_ids  # every image once, in order, split between ranks
     assert r0["batches"] == r1["batches"] and set(r0["train"]).isdisjoint(r1["train"])
     assert len(r0["train"]) == len(r1["train"]) == r0["batches"] * 2
+
+
+def test_collate_keeps_uint8():
+    a = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8)
+    images, _ = collate([(a, {}), (a[:, :33], {})])
+    assert images.dtype == torch.uint8 and images.shape == (2, 3, 64, 64)
+    assert torch.equal(images[1, :, :33, :50], a[:, :33]) and images[1, :, 33:].sum() == 0
+
+
+# -- device-side normalisation: the same numbers as the former host-side pipeline -----------------
+def _host_normalised_batch(images: list, size_divisible: int = 32) -> torch.Tensor:
+    """The pipeline before issue 16: float32 normalisation per image on the host, then zero padding."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1) * 255.0
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1) * 255.0
+    return pad_images([(im.to(torch.float32) - mean) / std for im in images], size_divisible)
+
+
+def test_uint8_batch_gives_the_same_losses_and_detections_as_host_normalised(cfg):
+    ds = build_dataset(cfg, "train", train=True)
+    samples = [ds[(i, 7)] for i in (0, 3, 5)]  # mixed sizes: real padding inside the batch
+    raw, targets = collate(samples)
+    assert raw.dtype == torch.uint8
+    before = _host_normalised_batch([im for im, _ in samples])
+    sizes = [t["image_size"] for t in targets]
+    assert len({tuple(s) for s in sizes}) > 1
+    torch.manual_seed(0)
+    # score_thresh 0: an untrained head's scores sit near prior_prob, under the default threshold
+    model = build_detector(get_preset("atss_tiny", num_classes=ds.category_map.num_classes, score_thresh=0.0))
+    # The device-side normalisation itself is exact: same float32 ops, padding zeroed.
+    assert torch.equal(model.normalize(raw, sizes), before)
+    model.train()
+    new = model(raw, targets, image_sizes=sizes)
+    old = model(before, targets, image_sizes=sizes)
+    for k in old:
+        torch.testing.assert_close(new[k], old[k], rtol=1e-6, atol=1e-7)
+    model.eval()
+    with torch.no_grad():
+        d_new = model(raw, image_sizes=sizes, original_sizes=[t["orig_size"] for t in targets])
+        d_old = model(before, image_sizes=sizes, original_sizes=[t["orig_size"] for t in targets])
+        # list input (TTA's path): padded and masked per image from the list items' own sizes
+        d_list = model([im for im, _ in samples], original_sizes=[t["orig_size"] for t in targets])
+    for a, b, c in zip(d_new, d_old, d_list):
+        assert len(b["boxes"]) > 0
+        for k in ("boxes", "scores", "labels"):
+            torch.testing.assert_close(a[k], b[k])
+            torch.testing.assert_close(c[k], b[k])
+
+
+def test_model_rejects_mixed_or_integer_non_uint8_input():
+    model = build_detector(get_preset("atss_tiny", num_classes=2)).eval()
+    u8 = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="all uint8 pixels or all normalised floats"):
+        model([u8, u8.float()])
+    with pytest.raises(ValueError, match="uint8 pixels or normalised floats, got torch.int32"):
+        model(u8[None].int())
+
+
+# -- GPU decode path, run on the CPU: the same batch as the host decode -----------------------------
+def test_encoded_batch_decodes_to_the_host_pipelines_batch(cfg):
+    host = build_dataset(cfg, "train", train=True)
+    deferred = build_dataset(cfg.replace(gpu_decode=True), "train", train=True)
+    keys = [(0, 11), (4, 12), (9, 13)]
+    images, targets = collate([host[k] for k in keys])
+    enc, enc_targets = collate([deferred[k] for k in keys])
+    assert isinstance(enc, EncodedBatch) and enc.shape == tuple(images.shape)
+    for a, b in zip(targets, enc_targets):
+        assert a["image_size"] == b["image_size"] and a["flipped"] == b["flipped"]
+        assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["crowd_boxes"], b["crowd_boxes"])
+    assert torch.equal(enc.pin_memory().to("cpu") if torch.cuda.is_available() else enc.to("cpu"), images)
+
+
+def test_gpu_decode_loader_batches(cfg):
+    dl = build_dataloader(cfg.replace(gpu_decode=True), "val", batch_size=3, train=False, num_workers=0)
+    images, targets = next(iter(dl))
+    assert isinstance(images, EncodedBatch) and len(images) == 3
+    out = images.to("cpu")
+    assert out.dtype == torch.uint8 and out.shape[-1] % 32 == 0
+
+
+def test_gpu_decode_config_is_validated():
+    with pytest.raises(ValueError, match="gpu_decode"):
+        DataConfig(gpu_decode="yes")
+
+
+def test_flip_before_resize_gives_the_pixels_of_resize_before_flip():
+    """resize_flip mirrors the small decoded image first; the previous pipeline resized first."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from pipeline.data import get_resize_size, resize_flip
+
+    g = torch.Generator().manual_seed(0)
+    for h0, w0 in [(97, 101), (131, 230), (480, 640), (427, 640), (640, 359)]:
+        # channels-last in memory, as decode_jpeg returns it
+        im = torch.randint(0, 256, (h0, w0, 3), dtype=torch.uint8, generator=g).permute(2, 0, 1)
+        for min_size, max_size in ((96, 160), (160, 256), (800, 1333)):
+            h, w, scale = get_resize_size(h0, w0, min_size, max_size)
+            want = TF.resize(im, [h, w], antialias=True).flip(-1)
+            assert torch.equal(resize_flip(im, (h, w, scale, True)), want), (h0, w0, h, w)

@@ -1,6 +1,7 @@
 """COCO detection dataset: annotation table + images on disk -> (image, target) training samples."""
 from __future__ import annotations
 
+import io
 import logging
 import os
 from pathlib import Path
@@ -12,9 +13,10 @@ from PIL import Image
 
 from .index import load_annotations
 from .categories import CategoryMap
-from .transforms import DetectionTransform
+from .decode import EncodedImage, decode_bytes, is_jpeg, read_bytes, read_image
+from .transforms import DetectionTransform, resize_flip
 
-__all__ = ["CocoDetection", "EmptyDatasetError", "TooManyBadImagesError", "read_image"]
+__all__ = ["CocoDetection", "EmptyDatasetError", "TooManyBadImagesError"]
 
 log = logging.getLogger(__name__)
 
@@ -27,18 +29,6 @@ class TooManyBadImagesError(RuntimeError):
     """More images failed to load than ``max_bad_fraction`` allows; the message names them."""
 
 
-def read_image(path: str | os.PathLike) -> torch.Tensor:
-    """Decode an image file to uint8 RGB ``[3, h, w]``; raises ``OSError`` naming the file."""
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {path}") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise OSError(f"cannot decode image {path}: {e}") from e
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
-
-
 class CocoDetection(torch.utils.data.Dataset):
     """COCO-format detection data from an instances json (pycocotools) or a ``.parquet``/``.arrow`` index.
 
@@ -46,7 +36,9 @@ class CocoDetection(torch.utils.data.Dataset):
     random resize/flip of every sample is reproducible whatever the worker layout, and returns
     ``(image, target)``:
 
-    - ``image``: float32 ``[3, h, w]`` ImageNet-normalised RGB, resized;
+    - ``image``: uint8 ``[3, h, w]`` RGB, resized (the detector normalises it on its device);
+      with ``gpu_decode=True`` an :class:`EncodedImage` (JPEG bytes and the drawn resize/flip)
+      that :class:`EncodedBatch` decodes on the GPU;
     - ``target``: ``boxes`` float32 ``[G, 4]`` xyxy in resized pixels, ``labels`` int64 ``[G]``
       in ``1..C``, ``crowd_boxes`` float32 ``[K, 4]`` (``iscrowd=1``, never positives),
       ``image_id`` (COCO id), ``orig_size`` ``(h0, w0)``, ``image_size`` ``(h, w)``,
@@ -60,11 +52,15 @@ class CocoDetection(torch.utils.data.Dataset):
     An image that is missing or cannot be decoded is logged and skipped: the next image is
     returned instead and ``num_bad_images`` / ``bad_files`` count it (per process). When more
     than ``max_bad_fraction`` of the dataset is bad the dataset raises naming the files.
+
+    Decoding: ``torchvision.io.decode_jpeg`` for JPEGs, PIL for the rest (:func:`read_image`).
+    ``gpu_decode=True`` reads only the JPEG header here (size and colour mode, for the checks above)
+    and leaves decoding to the device; files nvJPEG does not take are decoded here as usual.
     """
 
     def __init__(self, ann_file: str | os.PathLike, image_dir: str | os.PathLike, *, train: bool,
                  transform: Optional[DetectionTransform] = None, min_box_size: float = 1.0,
-                 max_bad_fraction: float = 0.1, keep_coco: Optional[bool] = None):
+                 max_bad_fraction: float = 0.1, keep_coco: Optional[bool] = None, gpu_decode: bool = False):
         self.ann_file = str(ann_file)
         self.image_dir = Path(image_dir)
         self.train = train
@@ -76,6 +72,10 @@ class CocoDetection(torch.utils.data.Dataset):
         self.transform = transform or DetectionTransform(flip_prob=0.5 if train else 0.0)
         self.min_box_size = float(min_box_size)
         self.max_bad_fraction = float(max_bad_fraction)
+        self.gpu_decode = bool(gpu_decode)
+        if self.gpu_decode and not isinstance(self.transform, DetectionTransform):
+            raise ValueError(f"gpu_decode=True needs a DetectionTransform (the resize is drawn here and "
+                             f"applied on the device), got {type(self.transform).__name__}")
         self.num_bad_images = 0
         self.bad_files: list[str] = []
         self._filter()
@@ -188,20 +188,44 @@ class CocoDetection(torch.utils.data.Dataset):
         rng = np.random.default_rng(seed)
         for _ in range(len(self)):
             path = self.image_path(idx)
+            target = self.annotations(idx)
             try:
-                image = read_image(path)
+                image, size = self._load(path)
             except OSError as e:
                 self._record_bad(str(path), str(e))
                 idx = (idx + 1) % len(self)
                 continue
-            target = self.annotations(idx)
-            if tuple(image.shape[-2:]) != target["orig_size"]:
-                self._record_bad(str(path), f"decoded size {tuple(image.shape[-2:])} != annotated "
+            if size != target["orig_size"]:
+                self._record_bad(str(path), f"decoded size {size} != annotated "
                                             f"(h, w) {target['orig_size']} for image id {target['image_id']}")
                 idx = (idx + 1) % len(self)
                 continue
-            return self.transform(image, target, rng)
+            if not self.gpu_decode:
+                return self.transform(image, target, rng)
+            geo = self.transform.geometry(*size, rng)
+            if not isinstance(image, EncodedImage):
+                image = EncodedImage(geo, image=resize_flip(image, geo), path=str(path))
+            image.geometry = geo
+            return image, self.transform.apply_to_target(target, size, geo)
         raise TooManyBadImagesError(f"{self.ann_file}: no image of {self.image_dir} could be read")
+
+    def _load(self, path: Path) -> tuple[torch.Tensor | EncodedImage, tuple[int, int]]:
+        """``(uint8 image or EncodedImage, (h, w))``; ``OSError`` naming the file when unreadable."""
+        if not self.gpu_decode:
+            image = read_image(path)
+            return image, tuple(image.shape[-2:])
+        data = read_bytes(path)
+        if is_jpeg(data):
+            try:
+                with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
+                    w, h = im.size
+                    mode = im.mode
+            except (OSError, ValueError, SyntaxError) as e:
+                raise OSError(f"cannot decode image {path}: {e}") from e
+            if mode in ("RGB", "L"):  # nvJPEG's colour spaces; CMYK/YCCK stay on the CPU
+                return EncodedImage((h, w, 1.0, False), data=data, path=str(path)), (h, w)
+        image = decode_bytes(data, path)
+        return image, tuple(image.shape[-2:])
 
     def _record_bad(self, path: str, why: str) -> None:
         self.num_bad_images += 1

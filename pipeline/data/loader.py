@@ -73,7 +73,7 @@ def build_dataset(cfg: DataConfig, split: str, train: bool) -> CocoDetection:
     else:
         transform = DetectionTransform(cfg.test_min_size, cfg.max_size, 0.0)
     return CocoDetection(ann, images, train=train, transform=transform, min_box_size=cfg.min_box_size,
-                         max_bad_fraction=cfg.max_bad_fraction)
+                         max_bad_fraction=cfg.max_bad_fraction, gpu_decode=cfg.gpu_decode)
 
 
 def _dist_world() -> tuple[int, int]:
@@ -91,7 +91,8 @@ def build_dataloader(data_cfg: DataConfig, split: str, batch_size: int, train: b
                      num_replicas: Optional[int] = None, rank: Optional[int] = None, *,
                      infinite: bool = True, start_iter: int = 0, num_workers: Optional[int] = None,
                      dataset: Optional[CocoDetection] = None, pin_memory: Optional[bool] = None) -> DataLoader:
-    """A DataLoader of ``(images [B, 3, H, W], targets)`` batches for this process.
+    """A DataLoader of ``(images uint8 [B, 3, H, W], targets)`` batches for this process
+    (an :class:`EncodedBatch` with ``data_cfg.gpu_decode``: ``images.to("cuda")`` decodes it).
 
     ``batch_size`` is per process. Sharding follows ``torch.distributed`` when it is initialised
     (as in every Ray Train worker, so ``ray.train.torch.prepare_data_loader`` is not needed),

@@ -1,7 +1,9 @@
 """The paper's input transforms, as plain functions over tensors plus one composed transform.
 
-Boxes are ``xyxy`` float32 in absolute, continuous pixels (no +1). Images enter as uint8
-``[3, h, w]`` RGB and leave as float32 ImageNet-normalised ``[3, h', w']``.
+Boxes are ``xyxy`` float32 in absolute, continuous pixels (no +1). Images enter and leave as uint8
+``[3, h, w]`` RGB: normalisation is the detector's first step, on its device
+(:meth:`detector.model.ATSSDetector.normalize`), so the host does no float work per pixel and
+ships a quarter of the bytes.
 """
 from __future__ import annotations
 
@@ -11,14 +13,10 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-__all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "get_resize_size", "resize", "hflip_boxes", "hflip",
-    "normalize", "denormalize", "DetectionTransform",
-]
+from detector.model import IMAGENET_MEAN, IMAGENET_STD
 
-# torchvision's ImageNet weights (ResNet50_Weights.IMAGENET1K_V1 etc.) expect these, RGB in [0, 1].
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "get_resize_size", "resize", "resize_flip", "hflip_boxes", "hflip",
+           "normalize", "DetectionTransform"]
 
 
 def get_resize_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int, float]:
@@ -62,22 +60,16 @@ def hflip(image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def normalize(image: torch.Tensor) -> torch.Tensor:
-    """uint8 (or float in 0..255) RGB ``[3, h, w]`` -> float32 ImageNet-normalised."""
+    """uint8 (or float in 0..255) RGB ``[3, h, w]`` -> float32 ImageNet-normalised (host side; the
+    data pipeline leaves this to the detector)."""
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1) * 255.0
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1) * 255.0
     return (image.to(torch.float32) - mean) / std
 
 
-def denormalize(image: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`normalize`, back to float 0..255 (for visualisation and tests)."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype, device=image.device).view(3, 1, 1) * 255.0
-    std = torch.tensor(IMAGENET_STD, dtype=image.dtype, device=image.device).view(3, 1, 1) * 255.0
-    return image * std + mean
-
-
 @dataclass
 class DetectionTransform:
-    """Resize (fixed or multi-scale shorter side), optional horizontal flip, normalise.
+    """Resize (fixed or multi-scale shorter side) and optional horizontal flip of a uint8 image.
 
     ``min_size`` is an int or an inclusive ``(lo, hi)`` range from which training draws one
     integer per image (the paper's 2x multi-scale: 640..800). ``rng`` passed to ``__call__``
@@ -94,16 +86,44 @@ class DetectionTransform:
             return int(rng.integers(lo, hi + 1))
         return int(self.min_size)
 
-    def __call__(self, image: torch.Tensor, target: dict, rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
-        """``image`` uint8 ``[3, h0, w0]``; ``target`` with ``boxes``/``crowd_boxes`` in original pixels."""
-        h0, w0 = image.shape[-2:]
-        nh, nw, scale = get_resize_size(h0, w0, self.sample_min_size(rng), self.max_size)
+    def geometry(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int, float, bool]:
+        """``(h, w, scale, flipped)`` of an image of ``height x width``: the random draws, no pixels."""
+        nh, nw, scale = get_resize_size(height, width, self.sample_min_size(rng), self.max_size)
+        flipped = bool(self.flip_prob > 0 and rng.random() < self.flip_prob)
+        return nh, nw, scale, flipped
+
+    @staticmethod
+    def apply_to_target(target: dict, orig_size: tuple[int, int], geometry: tuple[int, int, float, bool]) -> dict:
+        """``target`` in original pixels -> in the pixels of ``geometry`` (from :meth:`geometry`)."""
+        (h0, w0), (nh, nw, scale, flipped) = orig_size, geometry
         boxes, crowd = target["boxes"], target["crowd_boxes"]
         g = boxes.shape[0]
-        image, both = resize(image, torch.cat([boxes, crowd]), (nh, nw))
-        flipped = bool(self.flip_prob > 0 and rng.random() < self.flip_prob)
+        both = torch.cat([boxes, crowd]) * boxes.new_tensor([nw / w0, nh / h0, nw / w0, nh / h0])
         if flipped:
-            image, both = hflip(image, both)
-        target = dict(target, boxes=both[:g], crowd_boxes=both[g:], image_size=(nh, nw),
-                      scale=float(scale), flipped=flipped)
-        return normalize(image), target
+            both = hflip_boxes(both, nw)
+        return dict(target, boxes=both[:g], crowd_boxes=both[g:], image_size=(nh, nw),
+                    scale=float(scale), flipped=flipped)
+
+    def __call__(self, image: torch.Tensor, target: dict, rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
+        """``image`` uint8 ``[3, h0, w0]``; ``target`` with ``boxes``/``crowd_boxes`` in original pixels.
+
+        Returns the uint8 ``[3, h, w]`` image and the target in its pixels (see :class:`CocoDetection`).
+        """
+        h0, w0 = image.shape[-2:]
+        geo = self.geometry(h0, w0, rng)
+        return resize_flip(image, geo), self.apply_to_target(target, (h0, w0), geo)
+
+
+def resize_flip(image: torch.Tensor, geometry: tuple[int, int, float, bool]) -> torch.Tensor:
+    """Pixels of :meth:`DetectionTransform.geometry` on any device: the flip, then an antialiased
+    bilinear resize to ``(h, w)`` (uint8 natively on the CPU; elsewhere via float and rounding).
+
+    Flipping first gives the same pixels as resizing first (the filter taps are mirror-symmetric;
+    tests check it) and costs a tenth: the decoded image is smaller and still channels-last.
+    """
+    nh, nw, _, flipped = geometry
+    if flipped:
+        image = image.flip(-1)
+    if tuple(image.shape[-2:]) != (nh, nw):
+        image = TF.resize(image, [nh, nw], antialias=True)
+    return image
