@@ -36,59 +36,6 @@ from pipeline import inference_cli as cli  # noqa: E402
 from pipeline.cli import add_exit_codes  # noqa: E402
 
 
-def source_run_id(checkpoint: str, state: dict, tracking_uri: str) -> str | None:
-    """The MLflow run a checkpoint came from: ``runs:/<id>/...``, a registered model version's
-    run, or the run id a training run stored in the checkpoint (``extra.mlflow_run_id``)."""
-    if checkpoint.startswith("runs:/"):
-        rest = checkpoint[len("runs:/"):]
-        run_id = rest.split("/", 1)[0]
-        if not run_id:
-            raise ValueError(f"{checkpoint}: no run id after runs:/")
-        return run_id
-    if checkpoint.startswith("models:/"):
-        from mlflow import MlflowClient
-
-        # the registry lives in the same store (MLflow would otherwise open ./mlflow.db)
-        client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-        ref = checkpoint[len("models:/"):].strip("/")
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            return client.get_model_version_by_alias(name, alias).run_id
-        name, _, version = ref.rpartition("/")
-        if not name:
-            raise ValueError(f"{checkpoint}: expected models:/<name>/<version> or models:/<name>@<alias>")
-        if version == "latest":
-            versions = client.search_model_versions(f"name = '{name}'")
-            if not versions:
-                raise ValueError(f"{checkpoint}: registered model {name!r} has no versions")
-            return max(versions, key=lambda v: int(v.version)).run_id
-        return client.get_model_version(name, version).run_id
-    return (state.get("extra") or {}).get("mlflow_run_id") or None
-
-
-def log_submission(paths, checkpoint: str, state: dict, tracking_uri: str, experiment: str,
-                   run_id: str | None, name: str, summary: dict) -> str:
-    """Log the json + zip to the checkpoint's run (or ``run_id``), else to a new run linked to
-    the checkpoint by tags; returns the run id used."""
-    from mlflow import MlflowClient
-
-    from pipeline import tracking
-
-    client = MlflowClient(tracking_uri)
-    run_id = run_id or source_run_id(checkpoint, state, tracking_uri)
-    if run_id:
-        client.get_run(run_id)  # fails clearly when the run is not in this tracking store
-    else:
-        run_id = tracking.create_run(tracking_uri, experiment, run_name=f"testdev-{name}",
-                                     tags={"atss.job": "testdev", "atss.checkpoint": checkpoint})
-        client.set_terminated(run_id, "FINISHED")
-    for p in paths:
-        client.log_artifact(run_id, str(p), artifact_path="testdev")
-    client.set_tag(run_id, f"testdev.{name}.detections", str(summary["detections"]))
-    client.set_tag(run_id, f"testdev.{name}.tta", str(summary["tta"]))
-    return run_id
-
-
 def main(argv=None) -> dict:
     from pipeline.submission import DEFAULT_MAX_PER_IMAGE
 
@@ -147,7 +94,8 @@ def _validate_only(args, ap) -> dict:
 def _run(args, ap) -> dict:
     from pipeline import tracking
     from pipeline.inference import predict_sharded
-    from pipeline.submission import cap_per_image, load_image_info, submission_filename, write_submission
+    from pipeline.submission import (cap_per_image, load_image_info, log_submission, submission_filename,
+                                     write_submission)
 
     submission_filename(args.name)  # a bad name fails before any inference
     t0 = time.perf_counter()
@@ -170,7 +118,7 @@ def _run(args, ap) -> dict:
     if uri is not None:
         summary["run_id"] = log_submission(
             (json_path, zip_path), args.checkpoint, state, uri, args.experiment or tracking.DEFAULT_EXPERIMENT,
-            args.run_id, args.name, summary)
+            args.run_id, args.name, {"detections": len(results), "tta": bool(tta)})
         summary["tracking_uri"] = uri
     print(f"{json_path.name}: {summary['detections']} detections on {summary['images']} images "
           f"({'TTA' if tta else 'single scale'}, {t_infer:.1f} s); zip: {zip_path}"

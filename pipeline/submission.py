@@ -1,4 +1,5 @@
-"""COCO test-dev submissions: validate a results file, write it under the server's name, zip it.
+"""COCO test-dev submissions: validate a results file, write it under the server's name, zip it,
+log it to the MLflow run of the checkpoint.
 
 The evaluation server takes a zip holding one ``detections_test-dev2017_<name>_results.json``: a
 list of ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` in original image pixels
@@ -17,6 +18,7 @@ import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from pipeline.data.index import INDEX_SUFFIXES, read_index
 from pipeline.evaluation import ResultsError, load_json, results_problems, write_results_json
@@ -199,3 +201,68 @@ def validate_submission_file(path: str | os.PathLike, image_info,
             p.write_text(json.dumps(results))
             return check_loadres(p, image_info)
     return check_loadres(path, image_info)
+
+
+# ----------------------------------------------------------------------------------------------
+# MLflow: which run a checkpoint came from, and logging the submission there
+# ----------------------------------------------------------------------------------------------
+def source_run_id(checkpoint: str, state: dict, tracking_uri: str) -> str | None:
+    """The MLflow run a checkpoint came from: ``runs:/<id>/...``, a registered model version's
+    run, or the run id a training run stored in the checkpoint (``extra.mlflow_run_id``)."""
+    if checkpoint.startswith("runs:/"):
+        rest = checkpoint[len("runs:/"):]
+        run_id = rest.split("/", 1)[0]
+        if not run_id:
+            raise ValueError(f"{checkpoint}: no run id after runs:/")
+        return run_id
+    if checkpoint.startswith("models:/"):
+        from mlflow import MlflowClient
+
+        # the registry lives in the same store (MLflow would otherwise open ./mlflow.db)
+        client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+        ref = checkpoint[len("models:/"):].strip("/")
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return client.get_model_version_by_alias(name, alias).run_id
+        name, _, version = ref.rpartition("/")
+        if not name:
+            raise ValueError(f"{checkpoint}: expected models:/<name>/<version> or models:/<name>@<alias>")
+        if version == "latest":
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise ValueError(f"{checkpoint}: registered model {name!r} has no versions")
+            return max(versions, key=lambda v: int(v.version)).run_id
+        return client.get_model_version(name, version).run_id
+    return (state.get("extra") or {}).get("mlflow_run_id") or None
+
+
+def log_submission(paths: Sequence[str | os.PathLike], checkpoint: str, state: dict, tracking_uri: str,
+                   experiment: str, run_id: str | None, name: str, summary: Mapping[str, Any]) -> str:
+    """Log the submission files (``testdev/``) and ``summary`` tags (``testdev.<name>.<key>``) to the
+    checkpoint's run (or ``run_id``), else to a new run linked to the checkpoint by tags; returns
+    the run id used.
+
+    An existing run only gains artifacts and tags: its status is its training's (a FAILED run stays
+    FAILED). A new run goes through the one run lifecycle, :func:`pipeline.tracking.run_lifecycle`.
+    """
+    from mlflow import MlflowClient
+
+    from pipeline import tracking
+
+    def log(client: MlflowClient, rid: str) -> None:
+        for p in paths:
+            client.log_artifact(rid, str(p), artifact_path="testdev")
+        for key, value in summary.items():
+            client.set_tag(rid, f"testdev.{name}.{key}", str(value))
+
+    client = MlflowClient(tracking_uri)
+    run_id = run_id or source_run_id(checkpoint, state, tracking_uri)
+    if run_id:
+        client.get_run(run_id)  # fails clearly when the run is not in this tracking store
+        log(client, run_id)
+        return run_id
+    config = tracking.TrackingConfig(tracking_uri, experiment,
+                                     tags={"atss.job": "testdev", "atss.checkpoint": checkpoint})
+    with tracking.run_lifecycle(config, f"testdev-{name}") as run:
+        log(client, run.run_id)
+    return run.run_id

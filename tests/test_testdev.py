@@ -14,7 +14,7 @@ sys.path.insert(0, str(REPO / "jobs"))
 
 import testdev as testdev_job  # noqa: E402
 
-from pipeline.submission import SubmissionError  # noqa: E402
+from pipeline.submission import SubmissionError, source_run_id  # noqa: E402
 
 TINY = ["--test-min-size", "96", "--max-size", "160", "--batch-size", "1"]
 TINY_TTA = json.dumps({"test_min_size": 96, "test_max_size": 160, "scales": [64, 128],
@@ -160,15 +160,15 @@ def test_source_run_of_mlflow_uris(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)  # nothing may land in the caller's working directory
     uri = _uri(tmp_path)
-    assert testdev_job.source_run_id("runs:/abc123/model", {}, uri) == "abc123"
-    assert testdev_job.source_run_id(str(tmp_path), {"extra": {"mlflow_run_id": "r9"}}, uri) == "r9"
-    assert testdev_job.source_run_id(str(tmp_path), {}, uri) is None
+    assert source_run_id("runs:/abc123/model", {}, uri) == "abc123"
+    assert source_run_id(str(tmp_path), {"extra": {"mlflow_run_id": "r9"}}, uri) == "r9"
+    assert source_run_id(str(tmp_path), {}, uri) is None
     run_id = tracking.create_run(uri, "atss", run_name="train")
     client = MlflowClient(uri, registry_uri=uri)
     client.create_registered_model("atss-tiny")
     client.create_model_version("atss-tiny", f"runs:/{run_id}/model", run_id=run_id)
-    assert testdev_job.source_run_id("models:/atss-tiny/1", {}, uri) == run_id
-    assert testdev_job.source_run_id("models:/atss-tiny/latest", {}, uri) == run_id
+    assert source_run_id("models:/atss-tiny/1", {}, uri) == run_id
+    assert source_run_id("models:/atss-tiny/latest", {}, uri) == run_id
     assert not (tmp_path / "mlflow.db").exists()
 
 
