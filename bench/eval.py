@@ -66,8 +66,11 @@ def synthetic_coco(num_images: int, dets_per_image: int = 100, num_classes: int 
             img_dets.append((x, y, w, h, float(s), int(c)))
         img_dets.sort(key=lambda d: -d[4])
         for x, y, w, h, s, c in img_dets[:dets_per_image]:
+            # inside the image, as a detector's clipped boxes are (evaluate_coco refuses others)
+            x1, y1 = min(max(x, 0.0), w_img - 1.0), min(max(y, 0.0), h_img - 1.0)
+            x2, y2 = min(max(x + w, x1 + 1.0), w_img), min(max(y + h, y1 + 1.0), h_img)
             dets.append({"image_id": img_id, "category_id": c,
-                         "bbox": [float(x), float(y), float(w), float(h)], "score": s})
+                         "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)], "score": s})
     cats = [{"id": int(c), "name": f"class_{int(c)}"} for c in cat_ids]
     return {"images": images, "annotations": anns, "categories": cats}, dets
 
