@@ -88,10 +88,9 @@ class WorkerTracker:
     def __enter__(self) -> "WorkerTracker":
         if not self.active:
             return self
+        tags = {"atss.run_dir": self.session.store.uri, **self.session.placement_tags()}
         self._lifecycle = tracking.run_lifecycle(self.cfg.mlflow.replace(run_id=self._known_run_id()),
-                                                 self.cfg.run_name, tags={"atss.run_dir": self.session.store.uri,
-                                                       **self.session.placement_tags()},
-                                                 activate=True)
+                                                 self.cfg.run_name, tags=tags, activate=True)
         self.run_id = self._lifecycle.__enter__().run_id
         remember_mlflow_run(self.session.store, self.uri, self.run_id)
         return self
