@@ -239,3 +239,16 @@ def test_help_documents_exit_codes_and_main_exits_2(tmp_path, capsys):
     out = subprocess.run([sys.executable, str(REPO / "jobs/evaluate.py"), "--results", str(tmp_path / "scores.json"),
                           "--annotations", str(gt)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 2 and "score '0.93' is not a finite number" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_checkpoint_mode_with_parquet_ground_truth(synthetic_checkpoint, tmp_path, capsys):
+    from pipeline.data import build_index, resolve_split
+    from pipeline.inference import load_model_state
+
+    ann, images = resolve_split(cli.data_config_of(load_model_state(synthetic_checkpoint)), "val")
+    build_index(ann, tmp_path / "val.parquet")
+    ckpt = ["--checkpoint", str(synthetic_checkpoint), "--images", str(images), "--json"]
+    from_json = evaluate_job.main(ckpt + ["--annotations", str(ann)])
+    from_parquet = evaluate_job.main(ckpt + ["--annotations", str(tmp_path / "val.parquet")])
+    assert {k: from_parquet[k] for k in METRIC_KEYS} == pytest.approx({k: from_json[k] for k in METRIC_KEYS})
+    assert from_parquet["per_category"] == pytest.approx(from_json["per_category"])
