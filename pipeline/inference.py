@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from detector import build_detector
 from pipeline import checkpoint as ckpt
 from pipeline.data import (CategoryMap, CocoDetection, DetectionTransform, InferenceBatchSampler, collate,
-                           get_resize_size, hflip_boxes, normalize)
+                           get_resize_size, hflip_boxes)
 from pipeline.tta import OriginalImage, TTAConfig, TTAPass, area_filter, collate_original, merge_passes
 
 __all__ = ["predict", "predict_tta", "tta_detect", "to_coco_results", "label_lookup", "to_category_ids",
@@ -157,14 +157,14 @@ def to_coco_results(outputs: Sequence[dict], targets: Sequence[dict] | None = No
 # ----------------------------------------------------------------------------------------------
 # test-time augmentation (settings and merges: pipeline.tta)
 # ----------------------------------------------------------------------------------------------
-def _resize_normalized(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 ``[3, h0, w0]`` -> normalised float ``[3, h, w]``, the same path as the data pipeline
-    (antialiased bilinear resize of the uint8 image, then normalisation)."""
+def _resize_uint8(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 ``[3, h0, w0]`` -> uint8 ``[3, h, w]``, the same antialiased bilinear resize as the data
+    pipeline; the detector normalises uint8 input on its device."""
     from torchvision.transforms.v2 import functional as TF
 
     if tuple(image.shape[-2:]) != tuple(size):
         image = TF.resize(image, list(size), antialias=True)
-    return normalize(image)
+    return image
 
 
 @torch.inference_mode()
@@ -197,7 +197,7 @@ def tta_detect(model: torch.nn.Module, images: Sequence[torch.Tensor], cfg: TTAC
         groups.setdefault((p.min_size, p.max_size), []).append(p)
     for (min_size, max_size), group in groups.items():
         sizes = [get_resize_size(h0, w0, min_size, max_size)[:2] for h0, w0 in orig_sizes]
-        resized = [_resize_normalized(img, s) for img, s in zip(originals, sizes)]
+        resized = [_resize_uint8(img, s) for img, s in zip(originals, sizes)]
         batch, meta = [], []
         for p in group:
             for i, x in enumerate(resized):
