@@ -157,7 +157,8 @@ def profile_step(preset: str, data: dict, batch: int, steps: int, device: str, a
             with record_function("data"):
                 images, targets = to_device(*next(it), torch.device(device))
                 sync()
-            train_step(model, opt, lr, images, targets, i, amp=amp)
+            train_step(model, opt, lr, images, targets, i, amp=amp,
+                       image_sizes=[tuple(t["image_size"]) for t in targets])
             sync()
 
     for i in range(2):  # warm-up (lazy inits, cudnn autotune)

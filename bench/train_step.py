@@ -75,7 +75,7 @@ sys.path.insert(0, str(REPO))
 
 from detector import build_detector, get_preset  # noqa: E402
 from detector.config import BACKBONES  # noqa: E402
-from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from detector.model import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 THREADS_HELP = ("torch intra-op threads, the same for every model (default 1: on 2 cores shared with other "
                 "processes, OpenMP barriers make 2 threads burn and wait many times the work)")

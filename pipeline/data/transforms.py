@@ -13,10 +13,7 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from detector.model import IMAGENET_MEAN, IMAGENET_STD
-
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "get_resize_size", "resize", "resize_flip", "hflip_boxes", "hflip",
-           "normalize", "DetectionTransform"]
+__all__ = ["get_resize_size", "resize", "resize_flip", "hflip_boxes", "hflip", "DetectionTransform"]
 
 
 def get_resize_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int, float]:
@@ -57,14 +54,6 @@ def hflip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
 
 def hflip(image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return image.flip(-1), hflip_boxes(boxes, image.shape[-1])
-
-
-def normalize(image: torch.Tensor) -> torch.Tensor:
-    """uint8 (or float in 0..255) RGB ``[3, h, w]`` -> float32 ImageNet-normalised (host side; the
-    data pipeline leaves this to the detector)."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1) * 255.0
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1) * 255.0
-    return (image.to(torch.float32) - mean) / std
 
 
 @dataclass
