@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/scaling.py
 	$(BIN)/python bench/eval.py
 	$(BIN)/python bench/annotation_index.py
+	$(BIN)/python bench/input_pipeline.py
 
 clean:
 	rm -rf $(VENV) mlruns mlflow.db ray_results .pytest_cache
