@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--max-concurrent-trials", type=int, help="default: as many as the CPUs hold (CPU), "
                                                                "unbounded (GPU)")
     res.add_argument("--max-failures", type=int, default=0, help="worker-group restarts per trial (default 0)")
+    res.add_argument("--cluster", metavar="CLUSTER_YAML",
+                     help="a cluster config (cluster/aws.yaml): every trial must fit one of its node types "
+                          "(checked before anything starts); --dry-run also prints the node plan (peak nodes, "
+                          "GPU-hours, cost). Implies --device gpu unless --device is given")
+    res.add_argument("--node-price", action="append", default=[], metavar="TYPE=USD",
+                     help="price per node-hour of a node type of --cluster (default: the config's "
+                          "metadata.atss.price_per_node_hour); repeatable")
     sched = p.add_argument_group("scheduling")
     sched.add_argument("--asha", action="store_true", help="ASHA early stopping on validation AP")
     sched.add_argument("--asha-grace", type=int, help="iterations before ASHA may stop a trial "
@@ -194,7 +201,9 @@ def make_sweep_config(a):
         cpus = DEMO_CPUS_PER_WORKER
     config = SweepConfig(name=a.name, storage_path=a.storage_path, mlflow_uri=a.mlflow_uri,
                          experiment=a.experiment or DEFAULT_EXPERIMENT, iterations=iterations, schedule=a.schedule,
-                         data=data, train=train, amp=a.amp, device=a.device, workers_per_trial=a.workers_per_trial,
+                         data=data, train=train, amp=a.amp,
+                         device="gpu" if a.cluster and a.device == "auto" else a.device,
+                         workers_per_trial=a.workers_per_trial,
                          cpus_per_worker=cpus, batch_per_worker=batch, accelerator_type=a.accelerator_type,
                          max_concurrent_trials=a.max_concurrent_trials, max_failures=a.max_failures, asha=a.asha,
                          asha_grace_period=a.asha_grace, eval_period=a.eval_period, log_model=a.log_model,
@@ -209,9 +218,19 @@ def main(argv=None) -> int:
 
     try:
         config = make_sweep_config(a)
+        cluster = None
+        if a.cluster:
+            from pipeline.cluster import ClusterSpec, parse_node_prices, sweep_node_plan
+
+            cluster = ClusterSpec.from_yaml(a.cluster, prices=parse_node_prices(a.node_price))
+        elif a.node_price:
+            raise ValueError("--node-price needs --cluster")
         if a.dry_run:
             plan = make_plan(a, config)
             print(describe(plan))
+            if cluster is not None:
+                print()
+                print(sweep_node_plan(plan.trials, cluster, config.max_concurrent_trials).render())
             if a.json:
                 print(json.dumps([t.to_dict() for t in plan.trials]))
             return 0
@@ -232,6 +251,8 @@ def main(argv=None) -> int:
         else:
             print(f"[sweep] {plan.name}: resuming the stored plan ({plan.title}, {len(plan.trials)} trials); "
                   "the table/values given now are ignored")
+        if cluster is not None:  # a trial no node type holds would stay pending forever
+            sweep_node_plan(plan.trials, cluster, config.max_concurrent_trials)
         sweep.check_data(plan)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))

@@ -167,8 +167,8 @@ class ClusterSpec:
         return [t for t in self.workers.values() if t.gpus > 0]
 
     def largest(self) -> NodeType:
-        """The worker node type with the most GPUs (then CPUs): what an error message points to."""
-        return max(self.workers.values() or [self.head], key=lambda t: (t.gpus, t.cpus))
+        """The worker node type with the most GPUs (then CPUs, then priority): what an error message points to."""
+        return max(self.workers.values() or [self.head], key=lambda t: (t.gpus, t.cpus, t.priority or 0))
 
     def types_for(self, plan: TrialResources) -> list[NodeType]:
         """Worker node types that can hold the trial, the autoscaler's preference first
@@ -429,6 +429,12 @@ def node_plan(trials: Sequence[PlannedTrial], spec: ClusterSpec, max_concurrent:
     return NodePlan(source=spec.source, rows=rows, peak_nodes={n: c for n, c in launched.items()},
                     node_hours=node_hours, gpu_hours=gpu_hours, cost=cost, wall_hours=wall,
                     missing_prices=missing, idle_hours=idle)
+
+
+def sweep_node_plan(trials: Iterable[Any], spec: ClusterSpec, max_concurrent: Optional[int] = None) -> NodePlan:
+    """:func:`node_plan` of a sweep's trials (``pipeline.ablation.TrialConfig``: ``name``,
+    ``resources``, ``train.max_iter``); raises :class:`InfeasibleTrialError` first if one cannot run."""
+    return node_plan([PlannedTrial(t.name, t.resources, t.train.max_iter) for t in trials], spec, max_concurrent)
 
 
 def parse_node_prices(items: Iterable[str]) -> dict[str, float]:

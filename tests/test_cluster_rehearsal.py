@@ -277,3 +277,33 @@ def test_throughput_table_covers_every_plan_with_a_source():
 def test_cpu_plans_fit_the_head_or_any_worker():
     spec = _spec("aws")
     assert check_trials({"cpu": cpu_plan(num_workers=2)}, spec)["cpu"].name
+
+
+def _ablation(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "jobs/ablation.py", "--dry-run", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_ablation_dry_run_with_cluster_prints_the_node_plan():
+    done = _ablation("--cluster", "cluster/aws.yaml", "--table", "backbone", "--preset", "atss_r50",
+                     "--node-price", "gpu1_spot=1.0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "node plan on cluster/aws.yaml:" in out
+    assert "t00_R-101_s0: gpu1_spot x1" in out and "t01_X-101-32x8d_s0: gpu8_spot x1" in out
+    # Two gpu8 spot nodes at most (max_workers): the other two big trials go on-demand at once.
+    assert "peak nodes: gpu1_spot 1, gpu8_spot 2, gpu8_ondemand 2" in out
+    assert "GPU-h" in out and "cost $" in out and "throughput sources:" in out and "(estimate)" in out
+
+
+def test_ablation_refuses_a_trial_no_node_type_holds(tmp_path):
+    def shrink(c):
+        for name in ("gpu8_spot", "gpu8_ondemand"):
+            c["available_node_types"][name]["resources"]["CPU"] = 48
+    small = _edited(tmp_path, "aws", shrink)
+    done = _ablation("--cluster", str(small), "--table", "backbone", "--preset", "atss_r50")
+    assert done.returncode == 2
+    assert "trial t01_X-101-32x8d_s0" in done.stderr and "8 worker(s) x (CPU 10, GPU 1, gpu_8x 1)" in done.stderr
+    assert "largest node type is gpu8_spot" in done.stderr
+    no_cluster = _ablation("--node-price", "gpu8_spot=3", "--smoke")
+    assert no_cluster.returncode == 2 and "--node-price needs --cluster" in no_cluster.stderr
