@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from detector import build_detector
+from pipeline.checkpoint import load_weights
 from pipeline.data import build_dataloader, build_dataset
 from pipeline.optim import WarmupMultiStepLR, build_optimizer, load_training_state
 
@@ -49,7 +50,8 @@ def train_worker(cfg: TrainConfig, session: Session) -> dict:
     state = session.latest_state()
     start = 0
     if state is not None:
-        model.load_state_dict(state["model"])
+        # strict: a resume after changing the architecture fails naming the keys, not a RuntimeError
+        load_weights(model, state["model"], f"resume from {session.latest_checkpoint_path() or 'the latest checkpoint'}")
         start = int(state["iteration"])
         if "optimizer" in state:
             load_training_state(optimizer, scheduler, cfg.schedule, state["optimizer"], state["scheduler"],
