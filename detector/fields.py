@@ -59,6 +59,8 @@ class FieldError(ValueError):
 
     def describe(self) -> str:
         tail = f", got {self.got}" if self.got else ""
+        if self.option is not None and not self.field:  # the item itself is malformed
+            return f"{self.option} {self.text}: expected {self.allowed}"
         if self.option is not None:
             return f"{self.option} {self.text}: {self.owner}.{self.field} expects {self.allowed}{tail}"
         return f"{self.owner}.{self.field}={self.value!r}: expected {self.allowed}{tail}"
@@ -488,7 +490,7 @@ def parse_assignments(cls: type, items: Iterable[str], option: str,
         key, sep, text = str(item).partition("=")
         key = key.strip()
         if not sep or not key:
-            raise FieldError(cls.__name__, key or "?", item, "KEY=VALUE with KEY a field name", repr(item),
+            raise FieldError(cls.__name__, "", item, f"KEY=VALUE with KEY a field of {cls.__name__}", "",
                              option, repr(item))
         name = (aliases or {}).get(key, key)
         if name not in known:

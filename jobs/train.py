@@ -33,6 +33,10 @@ sys.path.insert(0, str(REPO))
 # multi-threaded CPU process on a busy 2-core machine runs ~8x slower (docs/training.md, Throughput).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from detector.config import DetectorConfig  # noqa: E402
+from detector.fields import FieldError, coerce_fields, parse_assignments, parse_value  # noqa: E402
+from pipeline.cli import UsageError, add_exit_codes, bad_input, run_main  # noqa: E402
+from pipeline.data import AnnotationError, DataConfig  # noqa: E402
 from pipeline.training import (TrainConfig, build_train_config, check_data_paths, check_settings,  # noqa: E402
                                check_workers, is_tiny, run_training)
 
@@ -43,21 +47,20 @@ TINY_DEFAULTS = dict(batch_size=8, iterations=300, base_lr=0.02, log_period=20, 
 DEFAULT_WORKERS_CPU = 2
 
 
-def _literal(text: str):
-    """``KEY=VALUE`` values: JSON where it parses (numbers, lists, true/null), else the string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+BAD_INPUT = """bad input (exit 2): a --detector / --data-opt field of the wrong type or out of range, or unknown;
+  --lr-steps that are not integers; --workers < 0; a --config file that is missing, not YAML/JSON or has
+  unknown keys; data whose annotation file is missing or not JSON or whose image folder is missing
+  (all checked by --dry-run too, before Ray or MLflow start); nothing to --resume"""
 
 
-def _pairs(items: list[str] | None, flag: str) -> dict:
+def _tags(items: list[str] | None) -> dict[str, str]:
+    """``--tag KEY=VALUE``: MLflow tags are strings."""
     out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"error: {flag} expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = _literal(value)
+        if not sep or not key.strip():
+            raise UsageError(f"--tag {item!r}: expected KEY=VALUE")
+        out[key.strip()] = value
     return out
 
 
@@ -108,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--register-model", help="also register the final model under this name")
     e.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, train nothing")
     e.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
-    return ap
+    return add_exit_codes(ap, BAD_INPUT)
 
 
 def config_from_args(args) -> tuple[TrainConfig, int]:
@@ -124,6 +127,7 @@ def config_from_args(args) -> tuple[TrainConfig, int]:
         if not isinstance(base, dict):
             raise ValueError(f"--config {path}: expected a mapping of training settings")
         check_settings(base, f"--config {path}")
+        base = coerce_fields(build_train_config, base, option=f"--config {path}")  # YAML reads 1e-3 as text
     preset = args.preset or base.get("preset", "tiny")
     base["preset"] = preset
     explicit_length = args.schedule or args.iterations or "schedule" in base or "iterations" in base
@@ -137,6 +141,8 @@ def config_from_args(args) -> tuple[TrainConfig, int]:
     if args.iterations is not None:
         base["iterations"] = args.iterations
     workers = args.workers
+    if workers is not None and workers < 0:
+        raise UsageError(f"--workers {workers}: expected an int >= 0 (0 trains in this process, without Ray)")
     if workers is None:
         workers = _gpu_count() if args.use_gpu else DEFAULT_WORKERS_CPU
     if args.batch_size is not None and args.batch_per_worker is not None:
@@ -151,19 +157,22 @@ def config_from_args(args) -> tuple[TrainConfig, int]:
               "fail_at_iteration": args.fail_at_iteration}
     base.update({k: v for k, v in simple.items() if v is not None})
     if args.lr_steps:
-        base["lr_steps"] = [int(s) for s in args.lr_steps.split(",") if s.strip()]
+        try:
+            base["lr_steps"] = parse_value(build_train_config, "lr_steps", args.lr_steps)
+        except FieldError as e:
+            raise e.from_option("--lr-steps", args.lr_steps) from None
     if args.no_lr_scaling:
         base["scale_lr"] = False
     if args.amp:
         base["amp"] = args.amp
     if args.no_eval:
         base["eval_at_end"] = False
-    base["detector"] = {**base.get("detector", {}), **_pairs(args.detector, "--detector")}
-    data = {**base.get("data", {}), **_pairs(args.data_opt, "--data-opt")}
+    base["detector"] = {**base.get("detector", {}), **parse_assignments(DetectorConfig, args.detector, "--detector")}
+    data = {**base.get("data", {}), **parse_assignments(DataConfig, args.data_opt, "--data-opt")}
     if args.data:
         data["source"] = args.data
     base["data"] = data
-    base["mlflow_tags"] = {**base.get("mlflow_tags", {}), **_pairs(args.tag, "--tag")}
+    base["mlflow_tags"] = {**base.get("mlflow_tags", {}), **_tags(args.tag)}
     return build_train_config(**base), workers
 
 
@@ -178,28 +187,22 @@ def _gpu_count() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    with bad_input(ValueError, FileNotFoundError):  # everything the real run checks before Ray or MLflow start
         cfg, workers = config_from_args(args)
         check_workers(cfg, workers)
-        if args.dry_run:
-            check_data_paths(cfg)
-            print(f"[dry-run] {cfg.schedule.describe()}; {max(workers, 1)} worker(s) x "
-                  f"{cfg.batch_size // max(workers, 1)} images; {'fp32' if cfg.amp is None else cfg.amp + ' autocast'}")
-            print(json.dumps({"workers": workers, "config": cfg.to_dict()}, indent=1, default=str))
-            return 0
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        check_data_paths(cfg)
+    if args.dry_run:
+        print(f"[dry-run] {cfg.schedule.describe()}; {max(workers, 1)} worker(s) x "
+              f"{cfg.batch_size // max(workers, 1)} images; {'fp32' if cfg.amp is None else cfg.amp + ' autocast'}")
+        print(json.dumps({"workers": workers, "config": cfg.to_dict()}, indent=1, default=str))
+        return 0
 
     # `ray job stop` and schedulers send SIGTERM: end as KILLED in MLflow instead of staying RUNNING.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     resources = {"CPU": args.cpus_per_worker} if args.cpus_per_worker is not None else None
-    try:
+    with bad_input(ValueError, FileNotFoundError):
         result = run_training(cfg, num_workers=workers, use_gpu=args.use_gpu, max_failures=args.max_failures,
                               resources_per_worker=resources, require_resume=args.resume)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     if result.ap is not None:
         print(f"COCO AP {result.ap:.4f} (AP50 {result.eval['AP50']:.4f}, AP75 {result.eval['AP75']:.4f}) "
               f"after {result.iteration} iterations")
@@ -217,4 +220,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main, errors=(AnnotationError,))

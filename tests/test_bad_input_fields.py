@@ -30,7 +30,7 @@ from pipeline.training import build_train_config
     ("bbox_reg_weights=1,2", "DetectorConfig.bbox_reg_weights expects a list of 4 numbers, each > 0"),
     ("score_thresh=nan", "DetectorConfig.score_thresh expects a number in [0, 1)"),
     ("topK=5", "--detector topK=5: DetectorConfig has no field 'topK'; known fields: backbone"),
-    ("topk", "--detector 'topk': DetectorConfig.topk expects KEY=VALUE"),
+    ("topk", "--detector 'topk': expected KEY=VALUE with KEY a field of DetectorConfig"),
 ])
 def test_detector_options_are_parsed_as_the_fields_type(text, message):
     with pytest.raises(FieldError) as e:

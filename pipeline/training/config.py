@@ -219,7 +219,7 @@ def _categories_of_file(path: str, size: int, mtime_ns: int) -> CategoryMap:
         with open(path, "rb") as f:
             try:
                 whole = json.load(f)
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"annotation file {path} is not valid JSON: {e}") from None
         if not isinstance(whole, dict) or not isinstance(whole.get("categories"), list):
             raise ValueError(f"{path} is not a COCO annotation file: no top-level 'categories' list")

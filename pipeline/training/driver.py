@@ -21,7 +21,7 @@ from pipeline import tracking
 from pipeline.data import resolve_split
 from pipeline.resources import torch_backend
 
-from .config import TrainConfig
+from .config import TrainConfig, read_categories
 from .hooks import known_mlflow_run, remember_mlflow_run
 from .session import ray_train_logging
 from .store import Store
@@ -79,6 +79,7 @@ def check_data_paths(cfg: TrainConfig) -> None:
         if not Path(images).is_dir():
             raise FileNotFoundError(f"{split} image folder not found: {images} (data source "
                                     f"{cfg.data.source!r}){hint}")
+        read_categories(cfg.data, split)  # the file parses as COCO here, not first in a worker
 
 
 def has_checkpoints(store: Store) -> bool:
