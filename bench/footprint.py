@@ -39,6 +39,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PR_SET_CHILD_SUBREAPER = 36
@@ -247,7 +248,9 @@ def format_report(s: dict) -> str:
 
 
 def run(command: list[str], interval: float, session: str | None, worker_title: str,
-        grace_s: float = 60.0) -> dict:
+        grace_s: float = 60.0, checkpoint: Optional[Path] = None, checkpoint_s: float = 60.0) -> dict:
+    """Measure ``command``; with ``checkpoint``, the figures so far are written there every
+    ``checkpoint_s`` seconds (``"partial": true``), so a long run that is cut off still leaves them."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         print("[footprint] could not become child subreaper: detached daemons may be missed", file=sys.stderr)
@@ -267,8 +270,13 @@ def run(command: list[str], interval: float, session: str | None, worker_title: 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, forward)
     done_at = None
+    saved_at = time.monotonic()
     while True:
         sampler.sample()
+        if checkpoint is not None and time.monotonic() - saved_at >= checkpoint_s:
+            partial = summarise(sampler.fp, worker_title, time.monotonic() - t0, None, command)
+            checkpoint.write_text(json.dumps({**partial, "partial": True}, indent=1))
+            saved_at = time.monotonic()
         # Reap after sampling, so every ended child of ours is read once more as a zombie (its final CPU time).
         while True:
             try:
@@ -303,7 +311,8 @@ def parse_args(argv=None):
                                      "session name or directory), and its children")
     p.add_argument("--worker-title", default="RayTrainWorker",
                    help="regular expression of the training workers' process titles (default RayTrainWorker)")
-    p.add_argument("--json", metavar="PATH", help="write all figures (per title, PSS time series) as JSON here")
+    p.add_argument("--json", metavar="PATH", help="write all figures (per title, PSS time series) as JSON here; "
+                                                  "rewritten every minute while the command runs (\"partial\": true)")
     p.add_argument("command", nargs=argparse.REMAINDER,
                    help="the command after --, default: python jobs/ablation.py")
     args = p.parse_args(argv)
@@ -321,10 +330,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    summary = run(args.command, args.interval, args.session, args.worker_title)
+    out = Path(args.json) if args.json else None
+    summary = run(args.command, args.interval, args.session, args.worker_title, checkpoint=out)
     print("\n[footprint]\n" + format_report(summary), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=1))
+    if out:
+        out.write_text(json.dumps({**summary, "partial": False}, indent=1))
     return summary
 
 
