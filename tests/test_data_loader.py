@@ -274,3 +274,17 @@ def test_flip_before_resize_gives_the_pixels_of_resize_before_flip():
             h, w, scale = get_resize_size(h0, w0, min_size, max_size)
             want = TF.resize(im, [h, w], antialias=True).flip(-1)
             assert torch.equal(resize_flip(im, (h, w, scale, True)), want), (h0, w0, h, w)
+
+
+def test_input_pipeline_bench_smallest_size(capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import input_pipeline
+
+    res = input_pipeline.main(["--images", "2", "--rounds", "1", "--batch", "2"])
+    assert res["contenders"]["reference: decode_jpeg + resize"]["ratio_to_reference"] == 1.0
+    assert all(r["images_per_cpu_s"] > 0 for r in res["contenders"].values())
+    assert res["workers_per_gpu_at_60"]["now"] >= 1
+    assert "| dataset + collate (end to end) |" in capsys.readouterr().out
