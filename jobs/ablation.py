@@ -25,6 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from detector.fields import parse_assignments  # noqa: E402
+from pipeline.cli import add_exit_codes, bad_input, run_main  # noqa: E402
+from pipeline.data import AnnotationError, DataConfig  # noqa: E402
+
 # The demo (no arguments): Table 4 at a few values of k. Measured on a 2-core CPU box in docs/ablation.md.
 DEMO_TABLE = "k"
 DEMO_VALUES = "5,9,13"
@@ -117,7 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--smoke", action="store_true", help=f"2 trials (k={SMOKE_VALUES}), {SMOKE_ITERATIONS} "
                                                            "iterations on tiny images")
     mode.add_argument("--quiet", action="store_true", help="no Tune progress tables")
-    return p
+    return add_exit_codes(p, BAD_INPUT)
+
+
+BAD_INPUT = """bad input (exit 2, all before Ray starts or an MLflow run is created): an unknown --table or row;
+  an empty or malformed --space / --values; a value outside its field's type or range in --space, --values
+  or --set; a --set of a field the table's rows set (it would be dropped); unknown or mistyped --set /
+  --data-set / --train-set fields; --workers-per-trial < 1; bad --seeds; missing or unreadable data;
+  nothing to --resume. A sweep whose trials all fail exits 1; an interrupted sweep exits 130."""
 
 
 def _key_values(items: list[str], what: str) -> dict:
@@ -148,11 +159,11 @@ def make_plan(a, config):
 
     seeds = _seeds(a.seeds)
     fixed = _key_values(a.set, "--set")
-    if a.space and (a.table or a.values or a.rows):
+    if a.space is not None and (a.table or a.values or a.rows):
         raise ValueError("give either --table (with --values/--rows) or --space, not both")
-    if a.num_samples is not None and not a.space:
+    if a.num_samples is not None and a.space is None:
         raise ValueError("--num-samples applies to --space only")
-    if a.space:
+    if a.space is not None:  # '' is an empty space (an error), not the demo
         space = parse_space(a.space, a.num_samples)
         if fixed:
             extra = {resolve_field(k): coerce_value(resolve_field(k), v) for k, v in fixed.items()}
@@ -173,7 +184,7 @@ def make_plan(a, config):
 def make_sweep_config(a):
     """The SweepConfig of the arguments: where results go, how long and on what each trial trains."""
     from pipeline.ablation import DEFAULT_EXPERIMENT, SweepConfig
-    from pipeline.training import is_tiny
+    from pipeline.training import build_train_config, is_tiny
 
     if a.data == "synthetic":
         data = {}
@@ -181,8 +192,8 @@ def make_sweep_config(a):
         data = {"source": a.data}
     else:
         raise ValueError(f"--data {a.data!r}: use synthetic or coco:/path/to/coco")
-    train = _key_values(a.train_set, "--train-set")
-    data.update(_key_values(a.data_set, "--data-set"))
+    train = parse_assignments(build_train_config, a.train_set, "--train-set")
+    data.update(parse_assignments(DataConfig, a.data_set, "--data-set"))
     if a.iterations is not None and a.schedule is not None:
         raise ValueError("give either --iterations or --schedule, not both")
     tiny = is_tiny(a.preset)
@@ -216,7 +227,7 @@ def main(argv=None) -> int:
     a = parser.parse_args(argv)
     from pipeline.ablation import describe
 
-    try:
+    with bad_input(ValueError, FileNotFoundError):
         config = make_sweep_config(a)
         cluster = None
         if a.cluster:
@@ -254,8 +265,6 @@ def main(argv=None) -> int:
         if cluster is not None:  # a trial no node type holds would stay pending forever
             sweep_node_plan(plan.trials, cluster, config.max_concurrent_trials)
         sweep.check_data(plan)
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
 
     import ray
 
@@ -277,4 +286,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main, errors=(AnnotationError,))

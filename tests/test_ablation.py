@@ -12,6 +12,7 @@ import pytest
 
 from detector.config import get_preset
 from pipeline import ablation as ab
+from pipeline.cli import call_main
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("ablation_job", REPO / "jobs" / "ablation.py")
@@ -218,10 +219,7 @@ def cli(tmp_path, capsys, monkeypatch):
     def run(*args):
         # The session's Ray cluster may be up already when Ray tests ran first.
         was_up = ray.is_initialized()
-        try:
-            code = ablation_job.main(list(args))
-        except SystemExit as e:  # argparse's error exit
-            code = e.code
+        code = call_main(ablation_job.main, list(args))  # exit codes as `python jobs/ablation.py` gives them
         out = capsys.readouterr()
         assert ray.is_initialized() == was_up, "the job started Ray"
         return subprocess.CompletedProcess(args, code, out.out, out.err)

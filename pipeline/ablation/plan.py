@@ -316,6 +316,10 @@ def plan_table(name: str, preset: str = "tiny", values: str | Sequence[Any] | No
         selected = _select_rows(table, rows)
     else:
         selected = list(table.rows)
+    clash = sorted(set(extra) & {f for row in selected for f in row.overrides})
+    if clash:  # the row's own value would win: refuse instead of dropping the override
+        raise ValueError(f"cannot fix {', '.join(f'{k}={extra[k]!r}' for k in clash)} on table {table.name!r}: "
+                         f"its rows set {clash} themselves; sweep other values with --values, or use --space")
     configurations = [_Configuration(row.label, family_preset(row.family, size), {**extra, **row.overrides},
                                      dict(row.paper)) for row in selected]
     axis = table.axis.field if table.axis else None

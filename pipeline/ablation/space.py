@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from detector.config import DetectorConfig
+from detector.fields import check_value
 
 # Short names users type on the command line -> DetectorConfig fields.
 FIELD_ALIASES = {
@@ -132,10 +133,12 @@ def coerce_value(name: str, value: Any) -> Any:
                 items = [value]
             if not items:
                 raise ValueError("empty tuple")
-            return tuple(_coerce_scalar(kind, v) for v in items)
-        return _coerce_scalar(kind, value)
+            out = tuple(_coerce_scalar(kind, v) for v in items)
+        else:
+            out = _coerce_scalar(kind, value)
     except ValueError as e:
         raise ValueError(f"bad value {value!r} for field {name!r} ({_type_name(name)}): {e}") from None
+    return check_value(DetectorConfig, name, out)  # the field's range and choices (detector.fields)
 
 
 def _type_name(name: str) -> str:
