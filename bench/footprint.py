@@ -12,9 +12,9 @@ children), e.g. for a ``ray job submit`` to a cluster started elsewhere.
   and Ray's object store pages included, counted once).
 * **CPU:** user + system time from ``/proc/<pid>/stat`` per process, from its start (or, for a
   process that existed before the command, from the first sample), grouped by process title.
-  Ray sets the titles of its workers (``ray::RayTrainWorker``, ``ray::_Inner``,
-  ``ray::TrainController``, ``ray::IDLE`` ...); a worker is counted under the last non-IDLE title
-  it had. A process that ends is read once more as a zombie before it is reaped where this script
+  Ray sets the titles of its workers (``ray::RayTrainWorker``, ``ray::ImplicitFunc`` (Tune's
+  function trainables), ``ray::TrainController``, ``ray::IDLE`` ...); a worker is counted under the
+  last title it had that names an actor or task. A process that ends is read once more as a zombie before it is reaped where this script
   is its reaper (the subreaper case); otherwise up to one interval of its CPU time is lost.
 * **Share of CPU in the training workers:** CPU of the titles matching ``--worker-title``
   (default ``RayTrainWorker``) over all CPU of the run.
@@ -44,6 +44,8 @@ from typing import Optional
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PR_SET_CHILD_SUBREAPER = 36
 DEFAULT_COMMAND = [sys.executable, "jobs/ablation.py"]
+# Titles a Ray worker has before it holds an actor or task: a later real title replaces them.
+PLACEHOLDER_TITLES = ("python workers/default_worker.py", "ray::IDLE")
 
 
 @dataclass
@@ -187,10 +189,14 @@ class Sampler:
                 if start < self.run_start_ticks:  # older than the run: count only what it spends from now
                     proc.cpu_ticks_first = cpu
             proc.cpu_ticks_last = max(proc.cpu_ticks_last, cpu)
-            # A zombie has no command line left: its kernel name (comm) is all there is.
-            title = title_of(read_cmdline(pid)) if state != "Z" else f"({comm})"
-            if not proc.title or (title != "ray::IDLE" and not title.startswith("(")):
-                proc.title = title
+            if state == "Z":  # a zombie has no command line left: its kernel name (comm) is all there is
+                proc.title = proc.title or f"({comm})"
+            else:
+                title = title_of(read_cmdline(pid))
+                # "?": the command line was unreadable (the process is exiting): keep what we had
+                if not proc.title or (title != "?" and (proc.title in PLACEHOLDER_TITLES
+                                                         or title not in PLACEHOLDER_TITLES)):
+                    proc.title = title
             if state == "Z":  # a zombie keeps its CPU times but no memory
                 continue
             kb = read_pss_kb(pid)
