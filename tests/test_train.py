@@ -85,9 +85,11 @@ def test_cli_rejects_a_bad_data_path_before_training(capsys):
     spec = importlib.util.spec_from_file_location("train_job", REPO / "jobs" / "train.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
-    assert job.main(["--data", "coco:/no/such/coco", "--workers", "2"]) == 2
+    from pipeline.cli import call_main
+
+    assert call_main(job.main, ["--data", "coco:/no/such/coco", "--workers", "2"]) == 2
     assert "COCO root not found: /no/such/coco" in capsys.readouterr().err
-    assert job.main(["--batch-size", "4", "--batch-per-worker", "2"]) == 2
+    assert call_main(job.main, ["--batch-size", "4", "--batch-per-worker", "2"]) == 2
     assert "not both" in capsys.readouterr().err
 
 
