@@ -172,6 +172,8 @@ def _type_text(hint: Any, plural: bool = False) -> str:
 def _allowed(hint: Any, rule: Rule) -> str:
     if rule.allowed:
         return rule.allowed
+    if type(None) in _arms(hint) and len(_arms(hint)) > 1 and rule.choices is None:
+        return f"{_allowed(_strip_none(hint), rule)} or None"  # "an int >= 1 or None"
     if rule.choices is not None:
         choices = "one of " + ", ".join(repr(c) for c in rule.choices)
         item = _item_hint(hint)

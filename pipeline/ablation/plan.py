@@ -21,9 +21,10 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from detector.config import PRESETS, DetectorConfig, get_preset
+from detector.fields import Rule, check_fields
 from pipeline import tracking
 from pipeline.resources import TrialResources, cpu_plan, declared_cpu_scale, plan_for, resolve_device
 from pipeline.training import TrainConfig, build_train_config, check_settings, is_tiny
@@ -79,26 +80,29 @@ class SweepConfig:
     log_model: bool = False
     verbose: int = 1
 
+    # What each field allows beyond its annotated type (detector.fields checks both).
+    RULES: ClassVar[Mapping[str, Rule]] = {
+        "iterations": Rule(ge=1),
+        "device": Rule(choices=("auto", "cpu", "gpu")),
+        "workers_per_trial": Rule(ge=1),
+        "cpus_per_worker": Rule(gt=0),
+        "batch_per_worker": Rule(ge=1),
+        "max_concurrent_trials": Rule(ge=1),
+        "max_failures": Rule(ge=0),
+        "asha_grace_period": Rule(ge=1),
+        "asha_reduction_factor": Rule(ge=2),
+        "eval_period": Rule(ge=1),
+        "verbose": Rule(ge=0),
+    }
+
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.name is not None and not _NAME_RE.fullmatch(self.name):
             raise ValueError(f"sweep name {self.name!r}: use letters, digits and _ . = - (it names a directory)")
         if self.iterations is not None and self.schedule is not None:
             raise ValueError("give either iterations or a schedule (1x, 2x), not both")
         if self.iterations is None and self.schedule is None:
             object.__setattr__(self, "schedule", "1x")
-        for name in ("iterations", "workers_per_trial", "batch_per_worker", "max_concurrent_trials",
-                     "asha_grace_period", "eval_period"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
-            raise ValueError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
-        if self.device not in ("auto", "cpu", "gpu"):
-            raise ValueError(f"device must be auto, cpu or gpu, got {self.device!r}")
-        if self.asha_reduction_factor < 2:
-            raise ValueError(f"asha_reduction_factor must be >= 2, got {self.asha_reduction_factor}")
-        if self.max_failures < 0:
-            raise ValueError(f"max_failures must be >= 0, got {self.max_failures}")
         if self.eval_period is not None and self.iterations is not None and self.eval_period > self.iterations:
             raise ValueError(f"eval_period {self.eval_period} is longer than the run ({self.iterations} iterations)")
         check_settings(self.train, "train settings")
