@@ -5,7 +5,7 @@ In the order the worker registers them:
 * :class:`FaultInjection`: the last rank raises once at ``fail_at_iteration`` (fault-tolerance tests).
 * :class:`NonFiniteGuard`: refuses to repeat a NaN from the same checkpoint with the same config,
   and records a new one (the last good checkpoint stays in place).
-* :class:`MetricsLogger`: the start lines and params, then every ``log_period`` a progress line and
+* :class:`MetricsLogger`: the start lines, params and the environment (``env.*``), then every ``log_period`` a progress line and
   the MLflow metrics (losses, LR, images/s, assignment statistics averaged over workers).
 * :class:`PeriodicEval`: COCO evaluation sharded over workers every ``eval_period`` and at the end,
   always in fp32.
@@ -33,6 +33,7 @@ import torch.distributed as dist
 from pipeline import checkpoint as ckpt_lib
 from pipeline import tracking
 from pipeline.data import build_dataloader
+from pipeline.environment import collect_environment
 from pipeline.evaluation import METRIC_KEYS, evaluate_coco, gather_across_workers, write_results_json
 from pipeline.inference import predict, to_coco_results
 
@@ -128,6 +129,18 @@ class WorkerTracker:
             from mlflow import MlflowClient
 
             MlflowClient(self.uri).log_text(self.run_id, text, artifact_file)
+
+    def environment(self, device: torch.device, data) -> None:
+        """What the run's numbers depend on (:mod:`pipeline.environment`), collected in this worker
+        after its threads are set: ``env.*`` params (a resumed run's changes become ``resumed_with.env.*``
+        tags) and all of it as ``env.*`` tags."""
+        if self.active:
+            from mlflow import MlflowClient
+            from mlflow.entities import RunTag
+
+            env = collect_environment(str(device), data)
+            self.params(env.to_params())
+            MlflowClient(self.uri).log_batch(self.run_id, tags=[RunTag(k, v) for k, v in env.to_tags().items()])
 
 
 def run_params(cfg: TrainConfig, world: int, num_train_images: int) -> dict[str, str]:
@@ -234,6 +247,7 @@ class MetricsLogger(HookBase):
             print(f"[train] {self.num_train_images} training images, {t.category_map.num_classes} categories; "
                   f"run dir {t.session.store.uri}", flush=True)
             self.tracker.params(run_params(cfg, world, self.num_train_images))
+            self.tracker.environment(t.session.device, cfg.data)
             self.tracker.text(json.dumps(cfg.to_dict(), indent=1, default=str), "config/train_config.json")
             self.tracker.text(json.dumps(cfg.detector.to_dict(), indent=1), "config/detector_config.json")
             if t.start_iter:
