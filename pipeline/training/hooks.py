@@ -5,8 +5,9 @@ In the order the worker registers them:
 * :class:`FaultInjection`: the last rank raises once at ``fail_at_iteration`` (fault-tolerance tests).
 * :class:`NonFiniteGuard`: refuses to repeat a NaN from the same checkpoint with the same config,
   and records a new one (the last good checkpoint stays in place).
-* :class:`MetricsLogger`: the start lines, params and the environment (``env.*``), then every ``log_period`` a progress line and
-  the MLflow metrics (losses, LR, images/s, assignment statistics averaged over workers).
+* :class:`MetricsLogger`: the start lines, params and the environment (``env.*``), then every
+  ``log_period`` a progress line and the MLflow metrics (losses, LR, images/s, assignment
+  statistics averaged over workers).
 * :class:`PeriodicEval`: COCO evaluation sharded over workers every ``eval_period`` and at the end,
   always in fp32.
 * :class:`CheckpointReport`: checkpoints every ``checkpoint_period`` and at the end, and the reports
