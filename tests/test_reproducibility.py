@@ -1,4 +1,5 @@
-"""The same machine, config and seed give bit-identical weights whatever the timing (issue 14).
+"""The same machine, config and seed give bit-identical weights whatever the timing, and every run
+records the environment its numbers depend on (issue 14).
 
 Timing is what differs between two runs of one command on one machine: the data loader's worker
 processes deliver batches early or late, and other processes take the CPU away at random moments.
@@ -17,8 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from pipeline import checkpoint as ck
+from pipeline.environment import Environment, collect_environment, data_fingerprint
 from pipeline.training import build_train_config, run_training
 
 ITERATIONS, CHECKPOINT_PERIOD = 6, 3
@@ -70,3 +73,22 @@ def test_same_seed_same_weights_whatever_the_loader_workers_and_the_load(tmp_pat
         for it in reference:
             diff = _differences(reference[it], run[it])
             assert not diff, f"{name}: weights at iteration {it} differ from the reference run: {diff[:5]}"
+
+
+def test_every_run_records_its_environment_in_mlflow(tmp_path, data_cache):
+    """What the numbers depend on (CPU kernels, threads, versions, data) is in the run's params and tags."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = build_train_config(preset="tiny", batch_size=2, iterations=1, checkpoint_period=0, log_period=1,
+                             eval_at_end=False, storage_path=str(tmp_path / "runs"), run_name="recorded",
+                             mlflow_uri=store, log_model=False, torch_threads=1,
+                             data={**SMALL_DATA, "cache_dir": data_cache})
+    result = run_training(cfg, num_workers=0, verbose=False)
+    run = MlflowClient(store).get_run(result.mlflow_run_id)
+    # the run trained in this process: its environment is this one (1 thread, this CPU, this data)
+    expected = collect_environment("cpu", cfg.data)
+    assert Environment.from_tags(run.data.tags) == expected
+    params = run.data.params
+    assert {k: params[k] for k in expected.to_params()} == expected.to_params()
+    assert params["env.cpu_capability"] == torch.backends.cpu.get_cpu_capability() and params["env.threads"] == "1"
+    assert params["env.data"] == data_fingerprint(cfg.data).digest
+    assert run.data.tags["env.footer"].startswith(f"Environment {expected.key()}: ")
