@@ -23,7 +23,6 @@ refused naming each detection and field. Ground truth may be an instances json o
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -33,7 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline import inference_cli as cli  # noqa: E402
-from pipeline.cli import add_exit_codes  # noqa: E402
 from pipeline.evaluation import METRIC_KEYS, evaluate_coco, load_ground_truth, write_results_json  # noqa: E402
 
 
@@ -49,9 +47,7 @@ def _print_metrics(metrics: dict, title: str) -> None:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    add_exit_codes(ap, extra=cli.BAD_INPUT_HANDLED)
+    ap = cli.job_parser(__doc__)
     ap.add_argument("--results", help="score this COCO results file (needs --annotations)")
     ap.add_argument("--annotations", help="ground-truth instances json (or .parquet/.arrow index)")
     ap.add_argument("--images", help="image folder of --annotations (checkpoint mode)")

@@ -23,7 +23,6 @@ image and the per-image cap.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -33,15 +32,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline import inference_cli as cli  # noqa: E402
-from pipeline.cli import add_exit_codes  # noqa: E402
 
 
 def main(argv=None) -> dict:
     from pipeline.submission import DEFAULT_MAX_PER_IMAGE
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    add_exit_codes(ap, extra=cli.BAD_INPUT_HANDLED)
+    ap = cli.job_parser(__doc__)
     ap.add_argument("--image-info", help="image-info json (image_info_test-dev2017.json)")
     ap.add_argument("--images", help="its image folder (test2017/)")
     ap.add_argument("--data", help="'coco:/root' instead of --image-info/--images "

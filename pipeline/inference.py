@@ -96,6 +96,18 @@ def predict(model: torch.nn.Module, loader: Iterable, device: torch.device | str
     ``category_map`` also ``category_ids`` int64[D] (original COCO ids).
     """
     device = torch.device(device)
+
+    def detect(images: torch.Tensor, targets: Sequence[dict]) -> list[dict]:
+        return model(images.to(device, non_blocking=True),
+                     image_sizes=[tuple(int(v) for v in t["image_size"]) for t in targets],
+                     original_sizes=[tuple(int(v) for v in t["orig_size"]) for t in targets])
+
+    return _per_image(model, loader, device, detect, category_map)
+
+
+def _per_image(model: torch.nn.Module, loader: Iterable, device: torch.device, detect, category_map) -> list[dict]:
+    """The loop of :func:`predict` and :func:`predict_tta`: ``detect(images, targets)`` per batch
+    with the model in eval mode and fp32, one CPU dict per image, the model's mode restored."""
     was_training = model.training
     model.eval()
     lookup = label_lookup(category_map) if category_map is not None else None
@@ -103,11 +115,7 @@ def predict(model: torch.nn.Module, loader: Iterable, device: torch.device | str
     try:
         with fp32(device):
             for images, targets in loader:
-                images = images.to(device, non_blocking=True)
-                image_sizes = [tuple(int(v) for v in t["image_size"]) for t in targets]
-                original_sizes = [tuple(int(v) for v in t["orig_size"]) for t in targets]
-                dets = model(images, image_sizes=image_sizes, original_sizes=original_sizes)
-                for det, t in zip(dets, targets):
+                for det, t in zip(detect(images, targets), targets):
                     item = {"image_id": int(t["image_id"]),
                             "boxes": det["boxes"].float().cpu(),
                             "scores": det["scores"].float().cpu(),
@@ -229,20 +237,9 @@ def predict_tta(model: torch.nn.Module, loader: Iterable, device: torch.device |
     :func:`pipeline.tta.collate_original`).
     """
     device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    lookup = label_lookup(category_map) if category_map is not None else None
-    outputs = []
-    try:
-        for images, targets in loader:
-            for det, t in zip(tta_detect(model, [img.to(device) for img in images], cfg), targets):
-                item = {"image_id": int(t["image_id"]), **det}
-                if lookup is not None:
-                    item["category_ids"] = to_category_ids(det["labels"], lookup)
-                outputs.append(item)
-    finally:
-        model.train(was_training)
-    return outputs
+    return _per_image(model, loader, device,
+                      lambda images, targets: tta_detect(model, [img.to(device) for img in images], cfg),
+                      category_map)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from pipeline.checkpoint import is_mlflow_uri
-from pipeline.cli import UsageError, call_main, run_main
+from pipeline.cli import UsageError, add_exit_codes, call_main, run_main
 from pipeline.data import DataConfig, TooManyBadImagesError
 from pipeline.inference import InferenceSpec, load_model_state
 from pipeline.tracking import absolute_tracking_uri, default_tracking_uri
@@ -42,45 +42,45 @@ def _bad(option: str, value, allowed: str, detail: str = "") -> UsageError:
     return UsageError(f"{option} {value!r}: {detail + '; ' if detail else ''}allowed: {allowed}")
 
 
-def positive_int(text: str) -> int:
-    """argparse ``type`` for counts that must be >= 1 (``--max-dets``, ``--batch-size``, sizes)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer (allowed: an integer >= 1)") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} is not allowed (allowed: an integer >= 1)")
-    return v
+def int_at_least(lo: int) -> Callable[[str], int]:
+    """argparse ``type`` of an integer option that must be >= ``lo`` (``--max-dets``: 1, ``--workers``: 0)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer (allowed: an integer >= {lo})") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{v} is not allowed (allowed: an integer >= {lo})")
+        return v
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """argparse ``type`` for ``--workers`` (0 = in this process)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer (allowed: an integer >= 0)") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} is not allowed (allowed: an integer >= 0)")
-    return v
+def job_parser(doc: str) -> argparse.ArgumentParser:
+    """The parser of a job whose module docstring is ``doc``: its first paragraph as description,
+    the whole as the ``--help`` epilogue, followed by the exit codes and the bad input handled."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    return add_exit_codes(ap, extra=BAD_INPUT_HANDLED)
 
 
 def add_model_arguments(ap: argparse.ArgumentParser, max_dets: int = 100) -> None:
     """How to run the model: the options both jobs share."""
     ap.add_argument("--checkpoint", help="checkpoint directory, its state.pt, or an MLflow model URI "
                                          "(runs:/<run id>/model, models:/<name>/<version>)")
-    ap.add_argument("--workers", type=non_negative_int, default=0,
+    ap.add_argument("--workers", type=int_at_least(0), default=0,
                     help="Ray tasks to shard the images over (0: in this process, no Ray)")
     ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    ap.add_argument("--batch-size", type=positive_int, default=2, help="images per forward pass")
-    ap.add_argument("--test-min-size", type=positive_int, default=None,
+    ap.add_argument("--batch-size", type=int_at_least(1), default=2, help="images per forward pass")
+    ap.add_argument("--test-min-size", type=int_at_least(1), default=None,
                     help="shorter side at test time (default: the data config's, paper 800)")
-    ap.add_argument("--max-size", type=positive_int, default=None, help="longer-side cap (default: paper 1333)")
+    ap.add_argument("--max-size", type=int_at_least(1), default=None, help="longer-side cap (default: paper 1333)")
     ap.add_argument("--tta", action="store_true", help="multi-scale + flip testing (ATSS.md section 4)")
     ap.add_argument("--tta-config", default=None,
                     help="TTAConfig as JSON or a JSON file (implies --tta), e.g. "
                          "'{\"merge\": \"vote\", \"scales\": [400, 1200], \"scale_ranges\": [[96, null], [0, 256]]}'; "
                          "merge: soft-vote (paper) | vote | nms")
-    ap.add_argument("--max-dets", type=positive_int, default=max_dets,
+    ap.add_argument("--max-dets", type=int_at_least(1), default=max_dets,
                     help=f"detections kept per image (default {max_dets}; the COCO server's limit is 100, "
                          "TTA yields up to 1000)")
     ap.add_argument("--mlflow-uri", default=None,

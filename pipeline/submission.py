@@ -88,9 +88,9 @@ def validate_results(results, image_info, max_per_image: int = DEFAULT_MAX_PER_I
     problems = results_problems(results, images, cat_ids, reference="image-info file")
     if not isinstance(results, list):
         raise SubmissionError(problems, source)
-    per_image: Counter = Counter(d["image_id"] for d in results
-                                 if isinstance(d, Mapping) and d.get("image_id") in images
-                                 and not isinstance(d.get("image_id"), bool))
+    per_image: Counter = Counter(
+        d["image_id"] for d in results
+        if isinstance(d, Mapping) and type(d.get("image_id")) is int and d["image_id"] in images)
     for image_id, n in sorted(per_image.items()):
         if n > max_per_image:
             problems.append(f"image {image_id}: {n} detections, more than the cap of {max_per_image}")
