@@ -238,6 +238,9 @@ def main(argv=None) -> int:
             raise ValueError("--node-price needs --cluster")
         if a.dry_run:
             plan = make_plan(a, config)
+            from pipeline.ablation import sweep
+
+            sweep.check_data(plan)  # what the real run checks before Ray starts (annotation files parse)
             print(describe(plan))
             if cluster is not None:
                 print()

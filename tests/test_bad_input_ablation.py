@@ -63,3 +63,15 @@ def test_set_on_a_field_the_table_does_not_sweep_still_applies():
 def test_help_documents_exit_codes(ablation_job):
     text = ablation_job.build_parser().format_help()
     assert "exit codes:" in text and "  2    bad input" in text and "--set of a field the table's rows set" in text
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_val_annotations_that_are_not_json(run, tmp_path, dry_run):
+    root = tmp_path / "coco"
+    for d in ("annotations", "train2017", "val2017"):
+        (root / d).mkdir(parents=True)
+    good = '{"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}'
+    (root / "annotations" / "instances_train2017.json").write_text(good)
+    (root / "annotations" / "instances_val2017.json").write_text('{"images": [')
+    code, err = run("--data", f"coco:{root}", "--values", "5", *(["--dry-run"] if dry_run else []))
+    assert code == 2 and "instances_val2017.json is not valid JSON" in err and "Traceback" not in err, err
