@@ -42,7 +42,7 @@ from pipeline.training import TrainConfig, build_train_config, run_training  # n
 from pipeline.verdict import Claim, Ordering, judge  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
-from train_step import THREADS_HELP, machine_info  # noqa: E402
+from pipeline.environment import collect_environment  # noqa: E402
 
 # key -> (detector preset, field overrides, label, the paper's R-50 1x minival AP (spec 6.3))
 MODELS: dict[str, tuple[str, dict, str, float]] = {
@@ -118,8 +118,8 @@ def ordering_verdict(rows: list[dict]) -> str:
 def format_table(rows: list[dict], setup: dict) -> str:
     m = setup["machine"]
     seeds = len(setup["seeds"])
-    lines = [f"Machine: {m['cpu']} ({m['cpu_cores']} cores), torch {m['torch']} with {setup['threads']} threads, "
-             f"device {m.get('gpu', setup['device'])}",
+    lines = [f"Machine: {m['cpu']} ({m['cpus']} cores), torch {m['torch']} with {setup['threads']} threads, "
+             f"device {m.get('gpu') or setup['device']}",
              f"Data: synthetic, {setup['train_images']} train / {setup['val_images']} val images, inputs "
              f"~{setup['image_size'] or 160} px; {setup['iterations']} iterations x batch {setup['batch']}, "
              f"base LR {setup['base_lr']} at batch 16 (linear scaling), seeds {setup['seeds']}"
@@ -151,7 +151,7 @@ def parse_args(argv=None):
     p.add_argument("--val-images", type=int)
     p.add_argument("--image-size", type=int, help="shorter input side (default: DataConfig.tiny's 160)")
     p.add_argument("--eval-batch", type=int, default=8)
-    p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per run (default 1)")
     p.add_argument("--device", help="cpu / cuda (default: cuda with --full when available)")
     p.add_argument("--cache-dir", help="synthetic data cache (default: the data layer's, ~/.cache/atss_ray)")
     p.add_argument("--storage", help="keep the runs' checkpoints and results here (default: a temporary folder)")
@@ -182,7 +182,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    setup = {"machine": machine_info(device), "device": args.device, "threads": args.threads, "seeds": args.seeds,
+    setup = {"machine": collect_environment(str(device)).to_dict(), "device": args.device, "threads": args.threads, "seeds": args.seeds,
              "iterations": args.iterations, "batch": args.batch, "base_lr": args.base_lr,
              "train_images": args.train_images, "val_images": args.val_images, "image_size": args.image_size,
              "models": args.models}

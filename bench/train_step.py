@@ -54,7 +54,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -75,6 +74,7 @@ sys.path.insert(0, str(REPO))
 
 from detector import build_detector, get_preset  # noqa: E402
 from detector.config import BACKBONES  # noqa: E402
+from pipeline.environment import collect_environment  # noqa: E402
 from detector.model import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 THREADS_HELP = ("torch intra-op threads, the same for every model (default 1: on 2 cores shared with other "
@@ -87,21 +87,8 @@ INFER_PHASES = ("prep", "backbone_fpn", "head", "post")
 # machine and inputs
 # ----------------------------------------------------------------------------------------------
 def machine_info(device: torch.device) -> dict:
-    """CPU model, cores, torch threads, library versions and the accelerator (if used)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "torchvision": torchvision.__version__, "device": str(device),
-            "python": platform.python_version(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
+    """What the figures depend on (pipeline.environment: CPU kernels, GPU, versions, threads)."""
+    return {**collect_environment(str(device)).to_dict(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
 
 def make_inputs(batch: int, height: int, width: int, num_gts: int, num_classes: int,
@@ -480,8 +467,8 @@ def format_tables(results: list[dict], setup: dict) -> str:
     m = setup["machine"]
     cpu_cols = setup["device"] == "cpu"
     ref = results[0]["rows"][0]["model"].split(" ")[0] if results else "ATSS"
-    lines = [f"Machine: {m['cpu']} ({m['cpu_cores']} cores), torch {m['torch']} with {m['torch_threads']} threads, "
-             f"torchvision {m['torchvision']}, device {m.get('gpu', setup['device'])}",
+    lines = [f"Machine: {m['cpu']} ({m['cpus']} cores), torch {m['torch']} with {m['threads']} threads, "
+             f"torchvision {m['torchvision']}, device {m.get('gpu') or setup['device']}",
              f"Inputs: {setup['batch']} images of {setup['height']}x{setup['width']}, {setup['num_gts']} boxes each, "
              f"{setup['num_classes']} classes, fp32; {setup['warmup']} warm-up + {setup['rounds']} alternating "
              f"rounds, medians; classifier prior {setup['cls_prior']}. Ratios: {ref} time / this model's time "
