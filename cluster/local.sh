@@ -185,6 +185,8 @@ EOF
         export PATH="$(dirname "$ray"):$PATH"
         export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="${RAY_TRAIN_HEALTH_CHECK_INTERVAL_S:-0.2}"
         export RAY_TRAIN_ENABLE_PRINT_PATCH="${RAY_TRAIN_ENABLE_PRINT_PATCH:-0}"
+        # A loaded 2-core machine can take longer than Ray's 30 s to register a raylet.
+        export RAY_raylet_start_wait_time_s="${RAY_raylet_start_wait_time_s:-120}"
         unset RAY_ADDRESS RAY_API_SERVER_ADDRESS
         cd "$STATE_DIR"
         exec setsid "$ray" "${args[@]}" > "$STATE_DIR/ray-start.log" 2>&1 < /dev/null
@@ -257,7 +259,10 @@ rehearsal_start_args() {
         RAY_CLOUD_INSTANCE_ID=fffffffffffffffffffffffffffffffffffffffffffffffffff00000
         RAY_OVERRIDE_NODE_ID_FOR_TESTING=fffffffffffffffffffffffffffffffffffffffffffffffffff00000
         # All simulated nodes share this machine's cores: one thread per worker process.
-        OMP_NUM_THREADS=1)
+        OMP_NUM_THREADS=1
+        # Every simulated node's memory monitor would see the whole machine's memory (other
+        # nodes and other users included) and kill workers for it: a real node sees only its own.
+        RAY_memory_monitor_refresh_ms=0)
 }
 
 # True once `ray status` reports the cluster's resources (its output is left in $STATUS_OUT).

@@ -79,7 +79,8 @@ def rehearsal():
     finally:
         stop = subprocess.run([str(LOCAL_SH), "stop"], env=env, capture_output=True, text=True, timeout=180)
         left = _session_pids(sid) if sid else []
-        shutil.rmtree(state_dir, ignore_errors=True)
+        if not os.environ.get("ATSS_KEEP_REHEARSAL_STATE"):  # logs for a post-mortem
+            shutil.rmtree(state_dir, ignore_errors=True)
         assert stop.returncode == 0, stop.stdout + stop.stderr
         assert not left, f"processes of the rehearsal cluster still running: {left}"
 
