@@ -52,9 +52,10 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from detector.config import BACKBONES
+from detector.fields import Rule, check_fields
 
 # Ray's built-in resource that only the head node has (Ray Train pins its own state actor with it).
 HEAD_NODE_RESOURCE = "node:__internal_head__"
@@ -110,13 +111,17 @@ class TrialResources:
     batch_per_worker: int
     node_class: str | None = None
 
+    # What each field allows beyond its annotated type (detector.fields checks both).
+    RULES: ClassVar[Mapping[str, Rule]] = {
+        "backbone": Rule(choices=BACKBONES),
+        "num_workers": Rule(ge=1),
+        "cpus_per_worker": Rule(gt=0),
+        "gpus_per_worker": Rule(ge=0),
+        "batch_per_worker": Rule(ge=1),
+    }
+
     def __post_init__(self):
-        if self.num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
-        if self.cpus_per_worker <= 0:
-            raise ValueError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
-        if self.batch_per_worker < 1:
-            raise ValueError(f"batch_per_worker must be >= 1, got {self.batch_per_worker}")
+        check_fields(self)
         if self.node_class is None:
             if self.gpus_per_worker != 0:
                 raise ValueError("a CPU plan (node_class=None) cannot ask for GPUs")
