@@ -23,6 +23,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 DEFAULT_EXPERIMENT = "atss"
+# MLflow's own marker of a model-training experiment (as opposed to "genai_development"). The 3.17
+# UI opens on the runs table only with ``workflowType=machine_learning`` (:func:`runs_table_url`).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+DEFAULT_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 _PARAMS_PER_BATCH = 100  # MLflow's limit on params in one log_batch
 _METRICS_PER_BATCH = 1000
@@ -111,6 +116,15 @@ def ui_command(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri}"
 
 
+def runs_table_url(tracking_uri: str, experiment_id: str, ui: str = DEFAULT_UI) -> str:
+    """The link that opens the experiment on its runs table: the server itself for an ``http(s)``
+    store, else ``ui`` (where :func:`ui_command` serves). MLflow 3.17's UI picks its page from the
+    browser's "GenAI | Model training" switch, not from the experiment's kind tag; the
+    ``workflowType`` query sets that switch (and it sticks in the browser)."""
+    base = tracking_uri if tracking_uri.startswith(("http://", "https://")) else ui
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
 def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
     """Artifacts of a local SQLite store sit beside the database, not in the creating process's cwd
     (a Ray worker's cwd is a session temp dir that disappears)."""
@@ -122,7 +136,8 @@ def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
 
 
 def get_or_create_experiment(experiment: str, tracking_uri: str) -> str:
-    """Experiment id by name, created (with a stable artifact location) when missing."""
+    """Experiment id by name, created (with a stable artifact location) when missing; marked as a
+    model-training experiment (:data:`EXPERIMENT_KIND_TAG`) unless it already has a kind."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -132,9 +147,12 @@ def get_or_create_experiment(experiment: str, tracking_uri: str) -> str:
         if exp.lifecycle_stage == "deleted":
             raise ValueError(f"MLflow experiment {experiment!r} is deleted in {tracking_uri}; restore it "
                              "or pick another experiment name")
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # created before the tag, or by someone else
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         return exp.experiment_id
     try:
-        return client.create_experiment(experiment, artifact_location=_artifact_location(tracking_uri, experiment))
+        return client.create_experiment(experiment, artifact_location=_artifact_location(tracking_uri, experiment),
+                                        tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
     except MlflowException:  # another process created it between the two calls
         exp = client.get_experiment_by_name(experiment)
         if exp is None:

@@ -2,6 +2,7 @@
 results tables put ours beside the paper's. No Ray here (see test_sweep.py)."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -12,7 +13,11 @@ import pytest
 
 from detector.config import get_preset
 from pipeline import ablation as ab
+from pipeline.ablation import report
 from pipeline.cli import call_main
+from pipeline.data.config import DataConfig
+from pipeline.environment import DataFingerprint, Environment
+from pipeline.verdict import Verdict
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("ablation_job", REPO / "jobs" / "ablation.py")
@@ -194,8 +199,14 @@ def test_results_table_ours_beside_paper(tmp_path):
     assert math.isnan(df.loc[2, "paper_AP"]) and math.isnan(df.loc[2, "AP"])  # 10S: no paper row, not run
     md = ab.format_table(plan, df)
     assert "| 8S | ours | 30.0 | 55.0 | 25.0 | 15.0 | 35.0 | 40.0 |" in md
+    assert "|  | paper (minival) | 39.3 | 57.5 | 42.8 | 24.3 | 43.3 | 51.3 |" in md
+    # synthetic shapes against the paper's COCO: no difference row, and the table says why
+    assert "| difference |" not in md and "ours on synthetic data: no difference row" in md
+    md = ab.format_table(on_coco(plan), ab.results_frame(on_coco(plan), results))
+    assert "| 8S | ours | 30.0 | 55.0 | 25.0 | 15.0 | 35.0 | 40.0 |" in md
     assert "|  | difference | -9.3 | -2.5 | -17.8 | -9.3 | -8.3 | -11.3 |" in md
     assert "|  | paper (minival) | 39.3 | 57.5 | 42.8 | 24.3 | 43.3 | 51.3 |" in md
+    assert "no difference row" not in md
     png = ab.plot_results(plan, df, tmp_path / "ap.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     seeds = ab.plan_table("k", "tiny", values="5,9", seeds=[0, 1])
@@ -204,6 +215,109 @@ def test_results_table_ours_beside_paper(tmp_path):
     assert list(summary["AP"]) == pytest.approx([15.0, 35.0])
     assert list(summary["seeds"]) == [2, 2]
     ab.plot_results(seeds, df, tmp_path / "seeds.png")
+
+
+def on_coco(plan, data=None):
+    """The same plan evaluated on COCO (the data is only named: the table reads its source)."""
+    data = data or DataConfig(source="coco:/data/coco")
+    return dataclasses.replace(plan, trials=tuple(dataclasses.replace(t, train=t.train.replace(data=data))
+                                                  for t in plan.trials))
+
+
+def seeded_results(plan, ap):
+    """``{trial index: metrics}`` from ``ap[label][seed]`` (percent; None = the trial failed)."""
+    out = {}
+    for t in plan.trials:
+        v = ap[t.label][t.seed]
+        out[t.index] = {"status": "error", "error": "RuntimeError: boom"} if v is None else {"AP": v / 100}
+    return out
+
+
+def test_coco_data_is_a_coco_root_or_coco_named_files():
+    plan = ab.plan_table("k", "tiny", values="5,9")
+    assert not report.coco_data(plan)
+    assert report.coco_data(on_coco(plan))
+    assert report.coco_data(on_coco(plan, DataConfig(source="files", val_ann="/d/instances_val2017.json")))
+    assert not report.coco_data(on_coco(plan, DataConfig(source="files", val_ann="/d/my_val.json")))
+
+
+def test_seed_table_shows_mean_sd_and_the_paired_verdict_on_the_papers_claim():
+    plan = ab.plan_table("k", "tiny", values="5,9,13", seeds=[0, 1, 2])
+    # k=13 is 0.4 below the rows' mean in every seed: flat (band ±0.5) in every seed
+    flat = {"k=5": [30.0, 27.0, 33.0], "k=9": [30.4, 27.4, 33.4], "k=13": [29.8, 26.8, 32.8]}
+    df = ab.results_frame(plan, seeded_results(plan, flat))
+    md = ab.format_table(plan, df)
+    assert "| k=5 | ours, mean ± sd | 30.0 ± 3.0 | - | - | - | - | - | 30.0 / 27.0 / 33.0 |" in md
+    assert "|  | paper (minival) | 38.8 | - | - | - | - | - |  |" in md
+    assert "| difference |" not in md
+    assert "T4 AP flat in k (k >= 5, ±0.5 AP): holds in every seed" in md and "in 3/3 seeds" in md
+    assert "mean ± sample sd over seeds 0, 1, 2" in md
+    # seed 1 breaks the band but the means stay flat: it holds on the mean only
+    mean_only = {**flat, "k=9": [30.0, 28.6, 33.0]}
+    md = ab.format_table(plan, ab.results_frame(plan, seeded_results(plan, mean_only)))
+    assert "holds on the mean only" in md and "in 2/3 seeds" in md and "seed 1: no" in md
+    # k=9 is 2 AP above the others in every seed: it does not hold
+    steep = {**flat, "k=9": [32.0, 29.0, 35.0]}
+    judgement = report.table_claim(plan, ab.results_frame(plan, seeded_results(plan, steep)))
+    assert judgement.verdict is Verdict.DOES_NOT_HOLD and judgement.seeds == (0, 1, 2)
+    # a failed trial: its seed cannot be paired, the row says how many seeds finished
+    failed = {**flat, "k=13": [29.8, None, 32.8]}
+    df = ab.results_frame(plan, seeded_results(plan, failed))
+    md = ab.format_table(plan, df)
+    assert "| k=13 | ours, mean ± sd (2/3 seeds: error) | 31.3 ± 2.1 |" in md
+    assert report.table_claim(plan, df).seeds == (0, 2)
+    # on COCO the difference row is the mean's
+    md = ab.format_table(on_coco(plan), ab.results_frame(on_coco(plan), seeded_results(plan, flat)))
+    assert "|  | difference | -8.8 | - | - | - | - | - |  |" in md
+
+
+def test_one_seed_cannot_tell_and_tables_without_a_claim_say_so():
+    plan = ab.plan_table("k", "tiny", values="5,9,13")
+    df = ab.results_frame(plan, {0: {"AP": 0.30}, 1: {"AP": 0.304}, 2: {"AP": 0.298}})
+    md = ab.format_table(plan, df)
+    assert "| k=9 | ours | 30.4 | - | - | - | - | - |" in md and "AP per seed" not in md
+    assert "T4 AP flat in k (k >= 5, ±0.5 AP): cannot tell with one seed (in seed 0 it holds" in md
+    assert report.table_claim(plan, df).verdict is Verdict.CANNOT_TELL
+    # Table 7: the ATSS rows (#A = 9, 3, 3, 1) are the claim's; the max-IoU rows are not
+    t7 = ab.plan_table("anchors_per_location", "tiny", seeds=[0, 1])
+    ap = {t.label: [20.0, 22.0] for t in t7.trials}
+    ap[t7.trials[0].label] = [10.0, 12.0]  # RetinaNet far below: outside the claim
+    judgement = report.table_claim(t7, ab.results_frame(t7, seeded_results(t7, ap)))
+    assert judgement.verdict is Verdict.EVERY_SEED and len(judgement.claim.test.rows) == 4
+    # Table 3: the paper's ordering; one pair reversed in one seed only
+    t3 = ab.plan_table("atss_vs_baselines", "tiny", seeds=[0, 1])
+    ranked = sorted(t3.labels, key=lambda lab: -next(t.paper["AP"] for t in t3.trials if t.label == lab))
+    ap = {lab: [40.0 - 2 * i, 40.0 - 2 * i] for i, lab in enumerate(ranked)}
+    ap[ranked[-1]] = [31.0, 35.0]  # the paper's worst row beats the one above it (34) in seed 1 only
+    md = ab.format_table(t3, ab.results_frame(t3, seeded_results(t3, ap)))
+    assert "T3 ordering as in the paper" in md and "holds on the mean only" in md
+    # no claim tested for Table 6; one seed cannot tell noise from an effect
+    t6 = ab.plan_table("aspect_ratio", "tiny", values="1:2,1:1")
+    md = ab.format_table(t6, ab.results_frame(t6, {0: {"AP": 0.2}, 1: {"AP": 0.25}}))
+    assert "none is tested for this table" in md and "with one seed the table cannot tell" in md
+
+
+def environment(threads: int) -> Environment:
+    return Environment(cpu="AMD EPYC 7B13 (cpu family 25, model 1, stepping 0)", cpu_flags=("avx2", "fma"),
+                       cpu_capability="AVX2", cpus=2, gpu=None, torch="2.14.1", torchvision="0.29.1", cuda=None,
+                       cudnn=None, python="3.11.9", threads=threads, interop_threads=1, deterministic=True,
+                       cudnn_deterministic=False, cudnn_benchmark=False,
+                       data=DataFingerprint("synthetic", "0123456789abcdef", "synthetic generator v3, seed 0"))
+
+
+def test_results_table_footer_records_the_environment():
+    plan = ab.plan_table("k", "tiny", values="5,9")
+    env = environment(1)
+    df = ab.results_frame(plan, {0: {"AP": 0.3, "environment": env.key()}, 1: {"AP": 0.31}})
+    assert list(df["environment"]) == [env.key(), ""]
+    md = ab.format_table(plan, df, [env, env])
+    assert md.rstrip().endswith(env.footer())
+    assert "AMD EPYC 7B13" in md and "AVX2 kernels" in md and "1 thread per worker" in md
+    assert "data: synthetic generator v3, seed 0" in md
+    md = ab.format_table(plan, df, [env, environment(2)])
+    assert "Rows come from 2 different environments" in md and "2 threads per worker" in md
+    assert ab.format_table(plan, df).rstrip().endswith("Environment: not recorded")
+    assert "environment" not in ab.summarize_seeds(df).columns
 
 
 # ----------------------------------------------------------------------------------------------

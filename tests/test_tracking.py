@@ -112,3 +112,21 @@ def test_plots_are_pngs(tmp_path):
     r = tracking.plot_per_category_ap({}, tmp_path / "empty.png")
     for f in (p, q, r):
         assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and os.path.getsize(f) > 1000
+
+
+def test_experiments_are_marked_model_training_and_the_link_opens_the_runs_table(store):
+    client = MlflowClient(store)
+    exp_id = tracking.get_or_create_experiment("fresh", store)
+    assert client.get_experiment(exp_id).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    # an experiment made elsewhere gets the mark when we use it; one with a kind keeps its own
+    older = client.create_experiment("older")
+    genai = client.create_experiment("genai", tags={tracking.EXPERIMENT_KIND_TAG: "genai_development"})
+    assert tracking.get_or_create_experiment("older", store) == older
+    assert client.get_experiment(older).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    tracking.get_or_create_experiment("genai", store)
+    assert client.get_experiment(genai).tags[tracking.EXPERIMENT_KIND_TAG] == "genai_development"
+    # MLflow 3.17's UI chooses the runs table by the workflowType query, not by the tag
+    assert (tracking.runs_table_url("sqlite:////x/mlflow.db", "3")
+            == "http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning")
+    assert (tracking.runs_table_url("https://mlflow.example.org/", "7")
+            == "https://mlflow.example.org/#/experiments/7?workflowType=machine_learning")

@@ -4,6 +4,15 @@
   percent, the paper's and the differences).
 * :func:`format_table`: the Markdown table; :func:`plot_results`: AP against the swept value;
   :func:`summarize_seeds`: the mean over seeds per configuration.
+* :func:`table_claim`: whether the paper's claim for the table holds in our rows, paired by seed
+  (:mod:`pipeline.verdict`).
+
+What a table can honestly say: with several seeds a row is the mean ± sd over its seeds, and the
+claim's verdict says whether it holds in every seed, on the mean only, or not at all; with one
+seed it cannot tell (the seed spread of these models is 1.5-5.5 AP, ``bench/accuracy.py``). The
+paper's numbers stay beside ours, but a "difference" row only appears on COCO data: the paper's
+COCO AP minus AP on synthetic shapes measures nothing. The footer names the environment the
+numbers come from (:mod:`pipeline.environment`).
 
 No Ray and no MLflow here (the sweep, :mod:`pipeline.ablation.sweep`, writes and logs them).
 """
@@ -11,23 +20,33 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+import re
+import statistics
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+from pipeline.environment import Environment, environment_footer
 from pipeline.evaluation import METRIC_KEYS
+from pipeline.verdict import CLAIM_TABLES, Judgement, judge, paper_claim
 
 from .plan import SweepPlan
 from .space import display_value, field_kind
+
+# A "files" source is COCO when its annotation files carry COCO's names (instances_val2017.json, ...).
+_COCO_ANN = re.compile(r"instances_[a-z-]+\d*\.json$")
 
 
 def results_frame(plan: SweepPlan, results: Mapping[int, Mapping[str, Any] | None]):
     """One row per trial: its settings, our metrics (percent), the paper's and the differences.
 
     ``results`` maps a trial index to its final metrics as the training reports them (COCO's
-    0..1 scale; ``-1`` = undefined) plus optional ``status``/``error``/``iterations``; a trial
+    0..1 scale; ``-1`` = undefined) plus optional ``status``/``error``/``iterations`` and
+    ``environment`` (the key of the trial's :class:`~pipeline.environment.Environment`); a trial
     missing from it (or ``None``) counts as not finished. Columns: ``trial``, ``label``, ``seed``,
-    one per varied field (as text), ``status``, then ``AP``.., ``paper_AP``.., ``diff_AP``.. .
+    one per varied field (as text), ``status``, then ``AP``.., ``paper_AP``.., ``diff_AP``.. and
+    ``environment``.
     """
     import pandas as pd
 
@@ -45,6 +64,7 @@ def results_frame(plan: SweepPlan, results: Mapping[int, Mapping[str, Any] | Non
         rec.update({f"paper_{m}": paper[m] for m in METRIC_KEYS})
         rec.update({f"diff_{m}": ours[m] - paper[m] for m in METRIC_KEYS})  # NaN where either is missing
         rec["error"] = str(res.get("error") or "")
+        rec["environment"] = str(res.get("environment") or "")
         records.append(rec)
     df = pd.DataFrame.from_records(records)
     for col in ("iterations",):
@@ -72,7 +92,7 @@ def summarize_seeds(df):
 
     metric_cols = [c for c in df.columns if c.split("_", 1)[-1] in METRIC_KEYS or c in METRIC_KEYS]
     keep = [c for c in df.columns if c not in metric_cols and c not in ("trial", "seed", "status", "error",
-                                                                       "iterations")]
+                                                                       "iterations", "environment")]
     groups = []
     for label, g in df.groupby("label", sort=False):
         row = {c: g[c].iloc[0] for c in keep}
@@ -84,36 +104,128 @@ def summarize_seeds(df):
     return pd.DataFrame.from_records(groups)
 
 
+def coco_data(plan: SweepPlan) -> bool:
+    """Whether every trial trains and evaluates on COCO (a ``coco:`` root, or files with COCO's
+    annotation names): only then is ours minus the paper's a difference worth printing."""
+    def is_coco(data) -> bool:
+        if data.source.startswith("coco:"):
+            return True
+        return data.source == "files" and bool(data.val_ann) and bool(_COCO_ANN.search(str(data.val_ann)))
+
+    return bool(plan.trials) and all(is_coco(t.train.data) for t in plan.trials)
+
+
+@dataclass(frozen=True)
+class ClaimRow:
+    """A planned configuration as :func:`pipeline.verdict.paper_claim` reads a table row: its label,
+    its resolved detector fields (``topk``, ``assigner``, ...) and the paper's numbers."""
+
+    label: str
+    overrides: Mapping[str, Any]
+    paper: Mapping[str, float]
+    value: Any = None
+
+
+def table_claim(plan: SweepPlan, df) -> Optional[Judgement]:
+    """The paper's claim for the plan's table judged on the finished trials, paired by seed
+    (:func:`pipeline.verdict.judge`); None where the paper makes no claim we test about it, or
+    too few of the claim's rows were planned."""
+    rows, seen = [], set()
+    for trial in plan.trials:
+        if trial.label not in seen:
+            seen.add(trial.label)
+            rows.append(ClaimRow(trial.label, trial.detector.to_dict(), dict(trial.paper)))
+    claim = paper_claim(plan.table, rows)
+    if claim is None:
+        return None
+    ap_by_seed: dict[int, dict[str, float]] = {}
+    for _, r in df.iterrows():
+        if r["status"] == "done" and not math.isnan(r["AP"]):
+            ap_by_seed.setdefault(int(r["seed"]), {})[str(r["label"])] = float(r["AP"])
+    return judge(claim, ap_by_seed)
+
+
+def claim_text(plan: SweepPlan, df) -> str:
+    """The line under the table that says what it can tell about the paper's claim."""
+    judgement = table_claim(plan, df)
+    if judgement is not None:
+        return f"**The paper's claim**: {judgement.text()}."
+    if plan.table in CLAIM_TABLES:
+        return "**The paper's claim** for this table needs more of its rows than ran here: cannot tell."
+    spread = "; differences within the seed spread (1.5-5.5 AP for the tiny presets, bench/accuracy.py) are noise"
+    return (f"**The paper's claim**: none is tested for this table{spread}"
+            + ("." if len(plan.seeds) > 1 else ", and with one seed the table cannot tell them apart."))
+
+
 def _fmt(v: Any, signed: bool = False) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     return f"{v:+.1f}" if signed else f"{v:.1f}"
 
 
-def format_table(plan: SweepPlan, df) -> str:
-    """Markdown: three lines per configuration (ours, the paper's, ours - paper) and a column per metric."""
+def _mean_sd(values) -> str:
+    """``29.6 ± 1.2`` over the finite values (one value: no sd; none: ``-``)."""
+    vals = [float(v) for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{vals[0]:.1f}"
+    return f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}"
+
+
+def format_table(plan: SweepPlan, df, environments: Optional[Iterable[Environment]] = None) -> str:
+    """Markdown: per configuration our line (one seed: its numbers; several: mean ± sd over the
+    seeds, and each seed's AP), the paper's and, on COCO only, ours - paper; a column per metric.
+    Under it: the verdict on the paper's claim for the table, what the numbers are, and the
+    ``environments`` the trials ran in (:func:`pipeline.environment.environment_footer`)."""
     # The label names the configuration (the paper's row name); the varied fields' values are
     # columns of the Parquet file.
     multi_seed = len(plan.seeds) > 1
-    head = ["configuration", *(["seed"] if multi_seed else []), "", *METRIC_KEYS]
+    coco = coco_data(plan)
+    head = ["configuration", "", *METRIC_KEYS, *(["AP per seed"] if multi_seed else [])]
     lines = [f"### {plan.title}", ""]
     if plan.notes:
         lines += [f"_{plan.notes}_", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for _, r in df.iterrows():
-        first = [str(r["label"]), *([str(r["seed"])] if multi_seed else [])]
-        blank = [""] * len(first)
-        status = "" if r["status"] in ("done",) else f" ({r['status']})"
-        lines.append("| " + " | ".join(first + [f"ours{status}"] + [_fmt(r[m]) for m in METRIC_KEYS]) + " |")
+    for label, g in df.groupby("label", sort=False):
+        r = g.iloc[0]
+        done = g[g["status"] == "done"]
+        if multi_seed:
+            others = [s for s in g["status"] if s != "done"]
+            status = f" ({len(done)}/{len(g)} seeds: {', '.join(unique_text(others))})" if others else ""
+            ours = [_mean_sd(done[m]) for m in METRIC_KEYS]
+            per_seed = " / ".join(f"{_fmt(ap)}" for ap in g["AP"])
+            first = f"ours, mean ± sd{status}" if len(done) > 1 else f"ours{status}"
+            lines.append("| " + " | ".join([str(label), first, *ours, per_seed]) + " |")
+        else:
+            status = "" if r["status"] == "done" else f" ({r['status']})"
+            lines.append("| " + " | ".join([str(label), f"ours{status}", *[_fmt(r[m]) for m in METRIC_KEYS]]) + " |")
+        tail = [""] if multi_seed else []
         if any(not math.isnan(r[f"paper_{m}"]) for m in METRIC_KEYS):
-            lines.append("| " + " | ".join(blank + [f"paper ({plan.split})"]
-                                           + [_fmt(r[f"paper_{m}"]) for m in METRIC_KEYS]) + " |")
-            lines.append("| " + " | ".join(blank + ["difference"]
-                                           + [_fmt(r[f"diff_{m}"], signed=True) for m in METRIC_KEYS]) + " |")
-    lines.append("")
-    lines.append("AP in percent (COCO AP@[.50:.95]); '-' = not given by the paper, undefined "
-                 "(no ground truth of that size) or not finished.")
+            lines.append("| " + " | ".join(["", f"paper ({plan.split})", *[_fmt(r[f"paper_{m}"]) for m in METRIC_KEYS],
+                                            *tail]) + " |")
+            if coco:
+                mean = {m: done[m].mean() if len(done) else math.nan for m in METRIC_KEYS}
+                lines.append("| " + " | ".join(["", "difference", *[_fmt(mean[m] - r[f"paper_{m}"], signed=True)
+                                                                    for m in METRIC_KEYS], *tail]) + " |")
+    lines += ["", claim_text(plan, df), ""]
+    what = "AP in percent (COCO AP@[.50:.95]); '-' = not given by the paper, undefined (no ground truth of that size) or not finished."
+    if multi_seed:
+        what += f" Ours: mean ± sample sd over seeds {', '.join(map(str, plan.seeds))} (finished trials only)."
+    if not coco:
+        data = sorted({t.train.data.source.split(':')[0] for t in plan.trials})
+        what += (f" The paper's numbers are on COCO {plan.split}, ours on {' and '.join(data)} data: no difference "
+                 "row, compare trends only.")
+    lines += [what, "", environment_footer(environments or ())]
     return "\n".join(lines) + "\n"
+
+
+def unique_text(values) -> list[str]:
+    """Distinct values in first-seen order, each with its count when repeated (``error x2``)."""
+    counts: dict[str, int] = {}
+    for v in values:
+        counts[str(v)] = counts.get(str(v), 0) + 1
+    return [f"{v} x{n}" if n > 1 else v for v, n in counts.items()]
 
 
 def plot_results(plan: SweepPlan, df, path: str | os.PathLike) -> Path:
