@@ -138,3 +138,39 @@ def test_jobs_and_bench_import_only_the_packages(folder):
             else:
                 continue
             assert top not in scripts, f"{path.relative_to(ROOT)}:{node.lineno} imports another script ({top})"
+
+
+# The layers of docs/architecture.md's package map, lowest first (a prefix names a package).
+LAYERS = [
+    ("detector",),
+    ("pipeline.progress", "pipeline.verdict", "pipeline.optim", "pipeline.tracking", "pipeline.training.store"),
+    ("pipeline.synthetic", "pipeline.data"),
+    ("pipeline.evaluation", "pipeline.tta", "pipeline.checkpoint", "pipeline.resources", "pipeline.environment",
+     "pipeline.cli"),
+    ("pipeline.inference", "pipeline.submission", "pipeline.inference_cli"),
+    ("pipeline.training",),
+    ("pipeline.ablation", "pipeline.cluster"),
+]
+
+
+def layer_of(module: str) -> int | None:
+    best = None
+    for i, prefixes in enumerate(LAYERS):
+        for p in prefixes:
+            if module == p or module.startswith(p + "."):
+                if best is None or len(p) > best[1]:
+                    best = (i, len(p))
+    return None if best is None else best[0]
+
+
+def test_every_module_has_a_layer():
+    missing = [m for m in project_modules() if m != "pipeline" and layer_of(m) is None]
+    assert not missing, f"modules missing from docs/architecture.md's layers: {missing}"
+
+
+def test_imports_never_go_up_a_layer():
+    graph = import_graph()
+    upward = [f"{m} (layer {layer_of(m)}) imports {t} (layer {layer_of(t)})"
+              for m, targets in graph.items() if m != "pipeline" for t in targets
+              if t != "pipeline" and layer_of(t) > layer_of(m)]
+    assert not upward, "\n".join(upward)
