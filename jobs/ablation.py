@@ -8,8 +8,9 @@
     python jobs/ablation.py --table k --values 5,9 --amp bf16 --device gpu
     ray job submit --working-dir . -- python jobs/ablation.py --table k
 
-Every trial trains on Ray Train workers; each trial is one MLflow child run under a parent run for
-the sweep. At the end the table (ours beside the paper's) is printed and written as Markdown and
+A 1-worker trial trains inside its Tune trial, a multi-worker trial on Ray Train workers; each
+trial is one MLflow child run under a parent run for the sweep. Tune's table shows each trial's
+swept values, iteration, loss, images/s, AP and ETA, followed by the sweep's ETA. At the end the table (ours beside the paper's) is printed and written as Markdown and
 Parquet with a PNG of AP against the swept value. ``--dry-run`` lists the trials without starting
 anything (``--json``: each trial's full config, the one Tune carries and the trial trains, as one
 JSON list on the last line). Re-running with the same ``--name`` (or ``--resume``) continues an
@@ -95,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--accelerator-type", help="Ray accelerator type for GPU workers (e.g. A100)")
     res.add_argument("--max-concurrent-trials", type=int, help="default: as many as the CPUs hold (CPU), "
                                                                "unbounded (GPU)")
-    res.add_argument("--max-failures", type=int, default=0, help="worker-group restarts per trial (default 0)")
+    res.add_argument("--max-failures", type=int, default=0, help="restarts per trial, from its latest checkpoint (1-worker trials: "
+                     "by Tune; multi-worker trials: by Ray Train); default 0")
     res.add_argument("--cluster", metavar="CLUSTER_YAML",
                      help="a cluster config (cluster/aws.yaml): every trial must fit one of its node types "
                           "(checked before anything starts); --dry-run also prints the node plan (peak nodes, "

@@ -1,6 +1,8 @@
-"""The main job end to end on the session's local Ray cluster: a 2-trial Tune sweep of Ray Train
-trainings (tiny preset, tiny images, a few iterations), MLflow parent/child runs, the results table
-in Markdown and Parquet, and the restore of a sweep by its name."""
+"""The main job end to end on the session's local Ray cluster: a 2-trial Tune sweep (1-worker trials
+train inside their Tune trial; tiny preset, tiny images, a few iterations), MLflow parent/child runs,
+the results table in Markdown and Parquet, the restore of a sweep by its name, and a trial that fails
+once and resumes from its Tune checkpoint. Without Ray: the progress table's columns, the short
+swept keys and the sweep's ETA line."""
 from __future__ import annotations
 
 import importlib.util
@@ -45,7 +47,9 @@ def test_two_trial_sweep_tracks_tables_and_restores(ray_cluster, tmp_path, monke
     from ray import tune
 
     grid = tune.ResultGrid(tune.ExperimentAnalysis(str(tmp_path / "rr" / "smoke"))).get_dataframe()
+    assert sorted(grid["config/topk"]) == [5, 9]  # the short key: the progress table's column
     assert sorted(grid["config/train/detector/topk"]) == [5, 9]
+    assert {"iteration", "images_per_s", "AP", "eta_s", "mean_loss"} <= set(grid.columns)
     assert set(grid["config/train/detector/num_classes"]) == {5}
 
     # MLflow: a parent per sweep, a child per trial with the varied param and the table's tags
@@ -88,3 +92,79 @@ def test_sweep_store_local_and_uri(tmp_path):
         assert load_state(storage, "first") == {"name": "first"}
         assert find_latest_sweep(storage) == "second"
     assert (tmp_path / "uri" / "second" / "ablation" / STATE_FILE).is_file()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_in_trial_training_fails_once_and_resumes_from_its_tune_checkpoint(ray_cluster, tmp_path, monkeypatch):
+    """A 1-worker trial trains inside its Tune trial; an injected failure at iteration 2 makes Tune
+    restart the trial (FailureConfig), which resumes from the checkpoint of iteration 2 and logs to
+    the same MLflow child run."""
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["--smoke", "--table", "k", "--values", "5", "--name", "fault", "--storage-path", str(tmp_path / "rr"),
+            "--mlflow-uri", uri, "--experiment", "fault-test", "--quiet", "--max-failures", "1",
+            "--train-set", "fail_at_iteration=2", "--train-set", "checkpoint_period=1"]
+    assert ablation_job.main(args) == 0
+    results = tmp_path / "rr" / "fault" / "ablation"
+    table = pq.read_table(results / "results.parquet").to_pandas()
+    assert list(table["status"]) == ["done"] and list(table["iterations"]) == [ablation_job.SMOKE_ITERATIONS]
+    trial_dir = tmp_path / "rr" / "fault" / "trials" / "t00_k=5_s0"
+    assert (trial_dir / "atss" / "fault_injected_2.json").is_file()  # it did fail at iteration 2
+    assert not (trial_dir / "checkpoint_000000").exists()  # no Ray Train run: Tune kept the checkpoints
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("fault-test")
+    children = client.search_runs([exp.experiment_id], "tags.`ablation.trial` = 't00_k=5_s0'")
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    resumed = client.get_metric_history(children[0].info.run_id, "resumed_from_iteration")
+    assert [(m.step, m.value) for m in resumed] == [(2, 2.0)]
+    assert "eval/AP" in children[0].data.metrics
+
+
+def test_progress_results_lead_with_the_table_columns():
+    """Tune's table takes the first four numeric keys of the first results: iteration, images/s,
+    AP (the latest evaluation's, None before) and the trial's ETA; the loss as mean_loss ("loss")."""
+    from pipeline.training.session import TuneProgress
+
+    progress = TuneProgress(max_iter=10)
+    first = progress.result({"iteration": 1, "loss": 2.0, "loss_cls": 1.0, "images_per_s": 3.0})
+    assert list(first)[:5] == ["iteration", "images_per_s", "AP", "eta_s", "mean_loss"]
+    assert first["AP"] is None and first["eta_s"] is None and first["mean_loss"] == 2.0 and "loss" not in first
+    evaluated = progress.result({"iteration": 5, "loss": 1.0, "images_per_s": 3.0, "AP": 0.25, "AP50": 0.5})
+    assert evaluated["AP"] == 0.25 and evaluated["AP50"] == 0.5 and evaluated["eta_s"] >= 0
+    later = progress.result({"iteration": 6, "loss": 1.0, "images_per_s": 3.0})
+    assert later["AP"] == 0.25  # the latest known AP stays in the column
+
+
+def test_short_swept_keys_hold_the_trained_values(tmp_path):
+    """param_space names the swept fields by their short names; the trial trains with the values
+    under those keys (the planned config only supplies everything else)."""
+    from pipeline.ablation import SweepConfig, plan_table
+    from pipeline.ablation.sweep import PlannedTrials, param_space, trial_config
+
+    config = SweepConfig(name="s", storage_path=str(tmp_path), mlflow_uri=f"sqlite:///{tmp_path}/m.db",
+                         iterations=4).resolve_paths()
+    plan = plan_table("k", "tiny", values="5,9", seeds=[0, 1], config=config)
+    assert set(param_space(plan)) == {"topk", "seed"}
+    suggested = PlannedTrials(plan).suggest("x")
+    assert (suggested["topk"], suggested["seed"]) == (5, 0) and suggested["train"]["detector"]["topk"] == 5
+    trial = trial_config({**suggested, "topk": 13, "seed": 7})
+    assert trial.train.detector.topk == 13 and trial.train.seed == 7
+    assert trial_config(suggested) == plan.trials[0]
+
+
+def test_sweep_eta_line():
+    from types import SimpleNamespace as T
+
+    from pipeline.ablation.sweep import sweep_eta_line
+
+    trials = [T(status="TERMINATED", last_result={"time_total_s": 100.0}),
+              T(status="RUNNING", last_result={"time_total_s": 40.0, "eta_s": 60.0}),
+              T(status="PENDING", last_result={})]
+    assert sweep_eta_line(trials, 1) == "[sweep] 1/3 trials done, 1 running, 1 pending; ETA 0:02:40"
+    assert sweep_eta_line(trials, 2) == "[sweep] 1/3 trials done, 1 running, 1 pending; ETA 0:01:20"
+    starting = [T(status="RUNNING", last_result={}), T(status="PENDING", last_result={})]
+    assert sweep_eta_line(starting, 1).endswith("ETA: after the first reports")

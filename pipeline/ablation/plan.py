@@ -483,6 +483,9 @@ def _trial(index: int, c: _Configuration, detector: DetectorConfig, seed: int, c
             mlflow_uri=config.mlflow_uri, mlflow_experiment=config.experiment, mlflow_tags=tags,
             log_model=config.log_model, report_period=0, **config.train)
         train = train.replace(**{k: v for k, v in _periods(train.max_iter, config).items() if k not in config.train})
+        if "report_period" not in config.train:
+            # every log period to Tune too: its table shows the trials' iteration, loss, images/s and ETA
+            train = train.replace(report_period=train.log_period)
     except ValueError as e:
         raise ValueError(f"trial {name} ({c.label}): training config: {e}") from None
     return TrialConfig(index, c.label, dict(c.paper), train, resources)

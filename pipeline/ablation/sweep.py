@@ -1,31 +1,40 @@
-"""Run a :class:`~pipeline.ablation.plan.SweepPlan` as a Ray Tune sweep over Ray Train trainings.
+"""Run a :class:`~pipeline.ablation.plan.SweepPlan` as a Ray Tune sweep.
 
-The Ray Train V2 pattern (RAY_NOTES section 2): every Tune trial is a small function
-(:func:`run_trial`) that fits a ``TorchTrainer`` for its :class:`TrialConfig`; rank 0's
-``ray.train.report`` calls reach Tune through ``TuneReportCallback`` (so Tune sees the validation AP
-of every evaluation and ASHA can stop a trial on it). Tune itself only reserves a token of the head
-node per trial: the Train workers' CPUs/GPUs are reserved by Ray Train's own placement group, so
-concurrency is bounded with ``max_concurrent_trials``.
+Every Tune trial is a small function (:func:`run_trial`) that trains its :class:`TrialConfig`:
 
-Tune's ``param_space`` holds the swept hyperparameters as Tune domains at their place in the trial
-config (``train/detector/topk``, and ``train/seed`` over several seeds), so Tune's progress table
-and ``ResultGrid`` show them as columns; :class:`PlannedTrials` then suggests each planned trial's
-whole config (``TrialConfig.to_dict()``), in plan order, so exactly the planned trials run.
+* a **1-worker trial** (the CPU default, a 1-GPU R-50 trial) runs the training loop inside the
+  Tune trial itself (:func:`pipeline.training.worker.train_in_tune`, the same ``Trainer`` as Ray
+  Train workers run, with a :class:`~pipeline.training.session.TuneSession`): the trial reserves
+  the worker's CPUs/GPU, checkpoints are ``tune.Checkpoint`` s and restarts go through Tune
+  (``tune.FailureConfig(max_failures)``). No Ray Train controller, worker group, placement group
+  or queue actors per trial: on a 2-core box that is most of the bookkeeping's memory and CPU.
+* a **multi-worker trial** fits a ``TorchTrainer`` (the Ray Train V2 pattern, RAY_NOTES section 2);
+  rank 0's reports reach Tune through a ``TuneReportCallback``. The trial only holds a token of the
+  head node: Train reserves its workers' bundles, so concurrency is bounded with
+  ``max_concurrent_trials``. Train retries its worker group itself (``max_failures``).
+
+Tune's ``param_space`` holds the swept hyperparameters under short keys (``topk``, and ``seed``
+over several seeds), which is what Tune's progress table shows as columns (the new output engine
+names a column after its key path and cannot rename it); :class:`PlannedTrials` suggests each
+planned trial's config: those keys plus the whole ``TrialConfig.to_dict()``, in plan order, so
+exactly the planned trials run. The trial trains with the values of the short keys.
 
 MLflow: one parent run per sweep (tags ``ablation.table``, ``ablation.varied``, ``ablation.sweep``)
-and one child run per trial, both through :func:`pipeline.tracking.run_lifecycle`; rank 0 of the
-training logs params, metrics and artifacts into the child. The results table (Markdown, Parquet),
-the AP plot and the plan go to the parent when the sweep ends.
+and one child run per trial, both through :func:`pipeline.tracking.run_lifecycle`; the training
+logs params, metrics and artifacts into the child. The results table (Markdown, Parquet), the AP
+plot and the plan go to the parent when the sweep ends.
 
 Layout under ``<storage_path>/<sweep name>/`` (a local path or a URI such as ``s3://bucket/prefix``):
-Tune's experiment state, ``ablation/`` (the plan, the sweep state, the results) and
-``trials/<trial>/`` (each trial's Ray Train run with its checkpoints). Running the same sweep name
-again restores it with ``Tuner.restore``: finished trials keep their results, unfinished and errored
-ones start again and their training resumes from its latest checkpoint.
+Tune's experiment state and trial directories (the 1-worker trials' checkpoints), ``ablation/``
+(the plan, the sweep state, the results) and ``trials/<trial>/`` (each trial's run directory: Ray
+Train's checkpoints for multi-worker trials, evaluation outputs, markers). Running the same sweep
+name again restores it with ``Tuner.restore``: finished trials keep their results, unfinished and
+errored ones start again and their training resumes from its latest checkpoint.
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import time
@@ -36,7 +45,9 @@ from typing import Any, Optional
 import ray
 from mlflow import MlflowClient
 from ray import tune
+from ray.tune.experimental.output import AirVerbosity, TuneTerminalReporter
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
 
@@ -44,6 +55,8 @@ from pipeline import tracking
 from pipeline.evaluation import METRIC_KEYS
 from pipeline.resources import resolve_device
 from pipeline.training import Store, build_trainer, check_data_paths, connect_ray, tracked_training, worker_error
+from pipeline.training.session import TuneProgress, quiet_ray_workers
+from pipeline.training.worker import train_in_tune
 
 from .plan import SweepConfig, SweepPlan, TrialConfig
 from .report import format_table, plot_results, results_frame, summarize_seeds
@@ -52,8 +65,11 @@ from .space import unique
 PLAN_FILE = "plan.json"
 STATE_FILE = "sweep.json"
 # Environment Ray Train needs in every trial (RAY_NOTES sections 0 and 6): a 0.2 s health check
-# makes each report() cost 0.2 s instead of 2 s; the print patch doubles worker output.
-RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# makes each report() cost 0.2 s instead of 2 s; the print patch doubles worker output; on one node
+# there is nothing to preempt, and the watcher is an actor (a process) per trial.
+RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+ETA_PERIOD_S = 30  # Tune's own table comes every 30 s; the sweep's ETA line follows it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,24 +110,50 @@ def find_latest_sweep(storage_path: str) -> Optional[str]:
 # ---------------------------------------------------------------------------------------------
 # the Tune boundary
 # ---------------------------------------------------------------------------------------------
-def param_space(plan: SweepPlan) -> dict[str, Any]:
-    """The swept hyperparameters as Tune domains at their place in the trial config."""
-    configs = [t.to_dict() for t in plan.trials]
-    detector = {f: tune.choice(unique([c["train"]["detector"][f] for c in configs])) for f in plan.varied}
-    train: dict[str, Any] = {"detector": detector} if detector else {}
+def swept_values(plan: SweepPlan, trial: TrialConfig) -> dict[str, Any]:
+    """The trial's values of the swept hyperparameters under their short keys (JSON-native):
+    each varied detector field by its name, and ``seed`` when the sweep has several seeds."""
+    detector = trial.train.detector.to_dict()
+    values = {f: detector[f] for f in plan.varied}
     if len(plan.seeds) > 1:
-        train["seed"] = tune.choice(plan.seeds)
-    return {"train": train} if train else {}
+        values["seed"] = trial.seed
+    return values
+
+
+def param_space(plan: SweepPlan) -> dict[str, Any]:
+    """The swept hyperparameters as Tune domains under short keys (the progress table's columns)."""
+    values = [swept_values(plan, t) for t in plan.trials]
+    space = {k: tune.choice(unique([v[k] for v in values])) for k in values[0]} if values else {}
+    clash = sorted(set(space) & set(plan.trials[0].to_dict())) if plan.trials else []
+    if clash:
+        raise ValueError(f"swept fields {clash} collide with the trial config's own keys")
+    return space
+
+
+def trial_config(config: Mapping[str, Any]) -> TrialConfig:
+    """The :class:`TrialConfig` a Tune trial trains: its planned config with the values of the
+    short swept keys applied (they are the real hyperparameters, as in any Tune ``param_space``)."""
+    planned = {k: config[k] for k in ("index", "label", "paper", "train", "resources") if k in config}
+    trial = TrialConfig.from_dict(planned)
+    swept = {k: v for k, v in config.items() if k not in planned and k != "name"}
+    train = trial.train
+    if "seed" in swept:
+        train = train.replace(seed=int(swept.pop("seed")))
+    if swept:
+        overrides = TrialConfig.from_dict({**planned, "train": {**planned["train"], "detector": {
+            **planned["train"]["detector"], **swept}}}).train.detector  # coerced like the plan's values
+        train = train.replace(detector=overrides)
+    return dataclasses.replace(trial, train=train)
 
 
 class PlannedTrials(Searcher):
-    """A Tune searcher that suggests each planned trial's whole config once, in plan order, then finishes.
-
-    The domains in ``param_space`` only name the columns Tune shows; the plan fixes every value."""
+    """A Tune searcher that suggests each planned trial's config once, in plan order, then finishes:
+    the short swept keys of :func:`param_space` with the trial's values, plus the whole
+    ``TrialConfig.to_dict()``."""
 
     def __init__(self, plan: SweepPlan):
         super().__init__()
-        self.configs = [t.to_dict() for t in plan.trials]
+        self.configs = [{**swept_values(plan, t), **t.to_dict()} for t in plan.trials]
         self.next = 0
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
@@ -135,21 +177,48 @@ class PlannedTrials(Searcher):
             self.next = json.load(f)["next"]
 
 
-def run_trial(config: dict, max_failures: int = 0, accelerator_type: Optional[str] = None) -> None:
-    """Tune function trainable: train the trial ``config`` (a :meth:`TrialConfig.to_dict`) on its
-    own ``TorchTrainer``.
+class ProgressReportCallback(TuneReportCallback):
+    """``TuneReportCallback`` whose results lead with the progress table's columns (:class:`TuneProgress`)."""
 
-    Its MLflow child run is started (or re-attached after a restore) before any worker starts, so
-    a trial whose workers never come up is still visible, and ends FAILED with the worker's error.
+    def __init__(self, max_iter: int):
+        super().__init__()
+        self.progress = TuneProgress(max_iter)
+
+    def after_report(self, run_context, metrics, checkpoint):
+        super().after_report(run_context, [self.progress.result(metrics[0])] + list(metrics[1:]), checkpoint)
+
+
+def trial_label(trial) -> str:
+    """Tune's name and directory of a trial: the planned trial's name (``t00_k=5_s0``) and Tune's id
+    (Tune would name the directory after every field of the config)."""
+    return f"{trial.config.get('name', 'trial')}_{trial.trial_id}"
+
+
+def trial_bundle(config: Mapping[str, Any]) -> tune.PlacementGroupFactory:
+    """What a Tune trial reserves: a 1-worker trial trains in it and holds the worker's CPUs/GPU;
+    a multi-worker trial only drives its TorchTrainer (Train reserves the workers)."""
+    res = TrialConfig.from_dict(config).resources
+    return tune.PlacementGroupFactory([res.resources_per_worker() if res.num_workers == 1
+                                       else res.trial_resources()])
+
+
+def run_trial(config: dict, max_failures: int = 0, accelerator_type: Optional[str] = None) -> None:
+    """Tune function trainable: train the trial ``config`` (:class:`PlannedTrials`' suggestion).
+
+    Its MLflow child run is started (or re-attached after a restart or restore) before training
+    starts, so a trial that never trains is still visible, and ends FAILED with the error.
     """
-    trial = TrialConfig.from_dict(config)
+    trial = trial_config(config)
     res = trial.resources
-    scaling = {"placement_strategy": res.scaling_config_kwargs()["placement_strategy"]}
-    if accelerator_type:
-        scaling["accelerator_type"] = accelerator_type
     with tracked_training(trial.train, trial.run_label, clear_tags=("ablation.stopped",)) as train:
+        if res.num_workers == 1:
+            train_in_tune(train)
+            return
+        scaling = {"placement_strategy": res.scaling_config_kwargs()["placement_strategy"]}
+        if accelerator_type:
+            scaling["accelerator_type"] = accelerator_type
         trainer = build_trainer(train, res.num_workers, res.use_gpu, res.resources_per_worker(), max_failures,
-                                [TuneReportCallback()], scaling)
+                                [ProgressReportCallback(train.max_iter)], scaling)
         try:
             trainer.fit()
         except BaseException as e:
@@ -157,6 +226,57 @@ def run_trial(config: dict, max_failures: int = 0, accelerator_type: Optional[st
             if cause is not e and isinstance(cause, Exception):
                 raise cause from e  # the worker's own error, not Ray's wrapper
             raise
+
+
+class SweepReporter(TuneTerminalReporter):
+    """Tune's console output for a sweep: Tune's own progress table every 30 s, followed by one
+    line with the sweep's ETA; a trial's start and end are one line each (Tune would print the
+    whole trial config, about 120 lines, and the whole last result)."""
+
+    def __init__(self, plan: SweepPlan, concurrency: Optional[int]):
+        super().__init__(AirVerbosity.DEFAULT, num_samples=len(plan.trials), config=param_space(plan))
+        self.plan, self.concurrency = plan, concurrency
+        self.eta_printed = float("-inf")
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        swept = ", ".join(f"{k}={trial.config[k]}" for k in param_space(self.plan))
+        print(f"Trial {trial} started: {trial.config.get('label')}" + (f" ({swept})" if swept else ""), flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        ap = f", AP {last['AP']:.4f}" if isinstance(last.get("AP"), float) else ""
+        print(f"Trial {trial} finished at iteration {last.get('iteration', '?')}{ap}", flush=True)
+
+    def print_heartbeat(self, trials, *args, force: bool = False):
+        super().print_heartbeat(trials, *args, force=force)
+        now = time.monotonic()
+        if trials and not force and now - self.eta_printed >= ETA_PERIOD_S:
+            self.eta_printed = now
+            print(sweep_eta_line(trials, self.concurrency), flush=True)
+
+
+def sweep_eta_line(trials, concurrency: Optional[int]) -> str:
+    """``[sweep] 1/3 trials done, 2 running, 0 pending; ETA 0:04:10``: the running trials' own
+    ``eta_s`` and the pending ones at the mean trial time so far, spread over the concurrency."""
+    by_status: dict[str, list] = {}
+    for t in trials:
+        by_status.setdefault(t.status, []).append(t)
+    done = by_status.get("TERMINATED", []) + by_status.get("ERROR", [])
+    running, pending = by_status.get("RUNNING", []), by_status.get("PENDING", [])
+    remaining = [(t.last_result or {}).get("eta_s") for t in running]
+    known = [r for r in remaining if isinstance(r, (int, float))]
+    spent = [(t.last_result or {}).get("time_total_s") for t in done + running]
+    totals = [float(s) + (r or 0.0) for s, r in zip(spent[len(done):], remaining) if s is not None]
+    totals += [float(s) for s in spent[:len(done)] if s is not None]
+    line = f"[sweep] {len(done)}/{len(trials)} trials done, {len(running)} running, {len(pending)} pending"
+    if (running and len(known) < len(running)) or (pending and not totals):
+        return line + "; ETA: after the first reports"
+    slots = max(1, min(concurrency or len(running) or 1, len(trials)))
+    per_trial = sum(totals) / len(totals) if totals else 0.0
+    eta = max(known, default=0.0)
+    if pending:
+        eta = max(eta, (sum(known) + len(pending) * per_trial) / slots)
+    return line + f"; ETA {datetime.timedelta(seconds=int(eta))}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,8 +387,9 @@ def _ensure_ray(verbose: bool) -> None:
         return
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)
-    # Concurrent trials print similar lines; Ray's deduplication would fold them into one.
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Token authentication, as Ray's default for a new local cluster, without its warning that
+    # it chose so (the warning is printed only when RAY_AUTH_MODE is unset).
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     env = {k: os.environ[k] for k in RAY_ENV}
     # Ray Train's placement-group cleaner (which frees the resources of a trial that ASHA stops)
     # finds its cluster through RAY_ADDRESS, else by scanning this machine's processes, which
@@ -279,8 +400,8 @@ def _ensure_ray(verbose: bool) -> None:
     previous = os.environ.get("RAY_GCS_SERVER_PORT")
     os.environ["RAY_GCS_SERVER_PORT"] = port
     try:
-        ray.init(runtime_env={"env_vars": env}, log_to_driver=verbose, configure_logging=True,
-                 logging_level="warning")
+        ray.init(runtime_env={"env_vars": env, "worker_process_setup_hook": quiet_ray_workers},
+                 log_to_driver=verbose, configure_logging=True, logging_level="warning")
     finally:
         if previous is None:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
@@ -306,9 +427,14 @@ def _max_concurrent(plan: SweepPlan) -> Optional[int]:
 
 def _fit(plan: SweepPlan, restore: bool, say):
     cfg, name = plan.config, plan.name
+    # Tune's auto loggers include TensorBoard's (and its "visualize with TensorBoard" hint) in a
+    # project that tracks with MLflow; the CSV/JSON loggers Tune's ExperimentAnalysis reads are
+    # passed explicitly below. Read when the Tuner builds its callbacks, here in the driver.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    in_trial = any(t.resources.num_workers == 1 for t in plan.trials)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, max_failures=cfg.max_failures, accelerator_type=cfg.accelerator_type),
-        plan.trials[0].resources.trial_resources())
+        trial_bundle)
     path = Store(cfg.storage_path, name).uri
     if restore and tune.Tuner.can_restore(path):
         say(f"[sweep] restoring {name} from {path}: finished trials keep their results, the others resume")
@@ -316,21 +442,35 @@ def _fit(plan: SweepPlan, restore: bool, say):
     scheduler = None
     if cfg.asha:
         max_t = max(t.train.max_iter for t in plan.trials)
-        grace = cfg.asha_grace_period or min(t.train.eval_period or max_t for t in plan.trials)
+        first_eval = min(t.train.eval_period or max_t for t in plan.trials)
+        grace = cfg.asha_grace_period or first_eval
+        if grace < first_eval:
+            # a trial's AP is unknown (None) before its first evaluation: nothing to compare at a rung
+            raise ValueError(f"--asha-grace {grace} comes before the first evaluation (iteration {first_eval}); "
+                             "give at least the eval period")
         # time_attr is the training iteration inside the reports; stop_last_trials=False lets a
         # trial that reaches the end finish (and close its MLflow run) instead of being killed.
         scheduler = ASHAScheduler(time_attr="iteration", metric="AP", mode="max", max_t=max_t, grace_period=grace,
                                   reduction_factor=cfg.asha_reduction_factor, stop_last_trials=False)
     concurrent = _max_concurrent(plan)
     say(f"[sweep] {name}: {len(plan.trials)} trials, {concurrent or 'unbounded'} at a time; results in {path}")
+    callbacks = [CSVLoggerCallback(), JsonLoggerCallback()]
+    if cfg.verbose:
+        callbacks.insert(0, SweepReporter(plan, concurrent))
     # No metric/mode on the Tuner: the table's "current best trial" line would print a whole trial
-    # config; the results table names the best row instead.
+    # config; the results table names the best row instead. verbose=0 silences Tune's own reporter
+    # (its per-trial config dump); SweepReporter prints Tune's table instead.
     tuner = tune.Tuner(
         trainable, param_space=param_space(plan),
         tune_config=tune.TuneConfig(search_alg=PlannedTrials(plan), num_samples=len(plan.trials),
-                                    scheduler=scheduler, max_concurrent_trials=concurrent, reuse_actors=False),
-        run_config=tune.RunConfig(name=name, storage_path=cfg.storage_path, verbose=cfg.verbose,
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+                                    scheduler=scheduler, max_concurrent_trials=concurrent, reuse_actors=False,
+                                    trial_name_creator=trial_label, trial_dirname_creator=trial_label),
+        run_config=tune.RunConfig(
+            name=name, storage_path=cfg.storage_path, verbose=0, callbacks=callbacks,
+            # 1-worker trials train in the trial: Tune keeps their checkpoints and restarts them;
+            # multi-worker trials are retried by Ray Train (build_trainer's max_failures).
+            failure_config=tune.FailureConfig(max_failures=cfg.max_failures if in_trial else 0),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=plan.trials[0].train.checkpoints_to_keep)),
     )
     return tuner.fit()
 
@@ -364,7 +504,7 @@ def _collect(grid, plan: SweepPlan, statuses: Mapping[str, str]) -> dict[int, di
             status, error = "interrupted", ""  # the sweep was stopped (Ctrl-C); its name resumes it
         elif iterations is not None and iterations < trial.train.max_iter:
             status, error = f"stopped at {iterations}", ""
-        elif any(m in metrics for m in METRIC_KEYS):
+        elif metrics.get("AP") is not None:
             status, error = "done", ""
         else:
             status, error = "missing", "no metrics reported"

@@ -2,9 +2,9 @@
 
 A session knows the worker's rank, world size and device, finds the state to resume from, and
 reports metrics (with a checkpoint) to whoever runs the loop. :class:`RaySession` talks to Ray Train
-(``ray.train.get_checkpoint`` / ``ray.train.report``); an adaptor for a Tune function trainable
-would subclass it and override :meth:`RaySession.ray_checkpoint` and :meth:`RaySession.ray_report`
-(``tune.get_checkpoint`` / ``tune.report`` with a ``tune.Checkpoint``). :class:`LocalSession` keeps
+(``ray.train.get_checkpoint`` / ``ray.train.report``); :class:`TuneSession` is a Tune function
+trainable that trains itself, one worker without Ray Train (``tune.get_checkpoint`` / ``tune.report``
+with a ``tune.Checkpoint``: checkpoints and restarts go through Tune). :class:`LocalSession` keeps
 checkpoints in ``<storage>/<run>/checkpoint_<iteration>`` itself (one process or ``torchrun`` ranks).
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,7 +27,13 @@ from pipeline.resources import compute_device, placement_tags
 from .config import TrainConfig
 from .store import Store
 
-__all__ = ["Session", "RaySession", "LocalSession", "ray_train_logging", "quiet_ray_train_reports"]
+__all__ = ["Session", "RaySession", "TuneSession", "LocalSession", "TuneProgress", "ray_train_logging",
+           "quiet_ray_train_reports", "quiet_ray_workers"]
+
+# Train's autoscaling coordinator client warns, with a traceback, whenever its request to the
+# coordinator actor takes over 5 s (the first request of every TorchTrainer on a loaded node, as the
+# actor starts); on a fixed-size trial there is nothing to autoscale.
+COORDINATOR_LOGGER = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
 
 
 def ray_train_logging():
@@ -52,6 +59,51 @@ def quiet_ray_train_reports() -> None:
     except ImportError:
         return
     logging.getLogger(context.__file__).setLevel(ray_train_logging().log_level)
+
+
+class _DemoteToDebug(logging.Filter):
+    """Keep the record (Ray Train's system log file has no level filter and keeps it, traceback and
+    all) but below the level of the console and the app log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.levelno = logging.DEBUG  # levelname stays WARNING in the file
+        return True
+
+
+def quiet_ray_workers() -> None:
+    """Ray's ``worker_process_setup_hook`` for every process of a job (the TrainControllers
+    included): the coordinator's timeouts go to Ray Train's log file only, not the console."""
+    logging.getLogger(COORDINATOR_LOGGER).addFilter(_DemoteToDebug())
+
+
+class TuneProgress:
+    """Turns the loop's reports into Tune results whose first keys are the columns of Tune's
+    progress table: ``iteration`` (the training's; Tune's own ``iter`` counts reports),
+    ``images_per_s``, ``AP`` (the latest evaluation's, None before the first) and ``eta_s`` (this
+    trial's remaining training time at its rate so far); the loss goes in as ``mean_loss``, which
+    Tune shows as ``loss``. Tune picks its first four numeric keys for the table once, from the
+    first results, so every result has them from the first on."""
+
+    COLUMNS = ("iteration", "images_per_s", "AP", "eta_s", "mean_loss")
+
+    def __init__(self, max_iter: int):
+        self.max_iter = max_iter
+        self.ap: Optional[float] = None
+        self.start: Optional[tuple[float, int]] = None
+
+    def result(self, metrics: dict) -> dict:
+        it = int(metrics["iteration"])
+        now = time.monotonic()
+        if self.start is None:
+            self.start = (now, it)
+        t0, it0 = self.start
+        if metrics.get("AP") is not None:
+            self.ap = metrics["AP"]
+        out = {"iteration": it, "images_per_s": metrics.get("images_per_s"), "AP": self.ap,
+               "eta_s": (now - t0) / (it - it0) * (self.max_iter - it) if it > it0 else None,
+               "mean_loss": metrics.get("loss")}
+        out.update((k, v) for k, v in metrics.items() if k not in out and k != "loss")
+        return out
 
 
 def _write_checkpoint_dir(directory: Path, state: dict, files: Optional[dict]) -> None:
@@ -150,6 +202,63 @@ class RaySession(Session):
             if saved:
                 _write_checkpoint_dir(Path(tmp), state, files)
             self.ray_report(metrics, tmp if saved else None)
+        return None
+
+
+class TuneSession(Session):
+    """A Tune function trainable that runs the loop itself: one worker, no Ray Train actors.
+
+    Checkpoints are ``tune.Checkpoint`` s in the trial's directory (kept by the Tuner's
+    ``CheckpointConfig``); after a failure Tune restarts the trial (``FailureConfig(max_failures)``)
+    and :meth:`latest_state` reads ``tune.get_checkpoint()``, as does a restored sweep."""
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
+        self.progress = TuneProgress(cfg.max_iter)
+        self.checkpoint_path: Optional[str] = None
+        self.metrics_of_checkpoint: dict = {}
+
+    @property
+    def device(self) -> torch.device:
+        import ray
+
+        gpus = ray.get_gpu_ids()  # the trial's own GPU (Tune sets CUDA_VISIBLE_DEVICES to it)
+        if compute_device(bool(gpus), torch.cuda.is_available()) == "cuda":
+            return torch.device("cuda", 0)
+        return torch.device("cpu")
+
+    def placement_tags(self) -> dict[str, str]:
+        return placement_tags()
+
+    def latest_state(self) -> Optional[dict]:
+        from ray import tune
+
+        ck = tune.get_checkpoint()
+        if ck is None:
+            return None
+        self.checkpoint_path = ck.path
+        with ck.as_directory() as d:
+            if Path(d, "metrics.json").is_file():
+                self.metrics_of_checkpoint = json.loads(Path(d, "metrics.json").read_text())
+            return ckpt_lib.load_state(d)
+
+    def latest_checkpoint_path(self) -> Optional[str]:
+        return self.checkpoint_path
+
+    def checkpoint_metrics(self) -> dict:
+        return self.metrics_of_checkpoint
+
+    def report(self, metrics, checkpoint=False, state=None, files=None):
+        from ray import tune
+
+        result = self.progress.result(metrics)
+        if not checkpoint:
+            tune.report(result)
+            return None
+        with tempfile.TemporaryDirectory(prefix="atss_ckpt_") as tmp:
+            _write_checkpoint_dir(Path(tmp), state, files)
+            Path(tmp, "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
         return None
 
 

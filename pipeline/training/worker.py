@@ -2,7 +2,8 @@
 
 :func:`train_loop_per_worker` is Ray Train's ``train_loop_per_worker`` (``config`` is
 ``TrainConfig.to_dict()``); :func:`train_in_process` runs the same loop without Ray (one process,
-or one ``torchrun`` rank). DDP over gloo (CPU) or NCCL (GPU) is set up by Ray Train or torchrun.
+or one ``torchrun`` rank); :func:`train_in_tune` runs it inside a Tune function trainable (one
+worker, checkpoints through Tune). DDP over gloo (CPU) or NCCL (GPU) is set up by Ray Train or torchrun.
 """
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ from pipeline.optim import WarmupMultiStepLR, build_optimizer, load_training_sta
 from . import hooks
 from .config import TrainConfig
 from .loop import Trainer, restore_rng
-from .session import LocalSession, RaySession, Session
+from .session import LocalSession, RaySession, Session, TuneSession
 
-__all__ = ["train_worker", "train_loop_per_worker", "train_in_process"]
+__all__ = ["train_worker", "train_loop_per_worker", "train_in_process", "train_in_tune"]
 
 
 def train_worker(cfg: TrainConfig, session: Session) -> dict:
@@ -97,3 +98,9 @@ def train_loop_per_worker(config: dict) -> dict:
 def train_in_process(cfg: TrainConfig) -> dict:
     """The same loop without Ray (one process, or one ``torchrun`` rank)."""
     return train_worker(cfg, LocalSession(cfg))
+
+
+def train_in_tune(cfg: TrainConfig) -> dict:
+    """The same loop as the body of a Tune function trainable (one worker; ``tune.report`` /
+    ``tune.get_checkpoint``)."""
+    return train_worker(cfg, TuneSession(cfg))
