@@ -320,6 +320,36 @@ def test_results_table_footer_records_the_environment():
     assert "environment" not in ab.summarize_seeds(df).columns
 
 
+def test_sweep_parent_run_records_its_trials_environment(tmp_path):
+    """The parent run reads each trial's environment from its child run (``env.json``) and records it:
+    ``env.*`` params and tags when the trials share one, the footer naming each when they differ."""
+    from mlflow import MlflowClient
+    from mlflow.entities import RunTag
+
+    from pipeline import tracking
+    from pipeline.ablation import sweep  # imports Ray, starts nothing
+
+    uri = (tmp_path / "mlruns").as_uri()  # the file store: no SQLite schema to create
+    cfg = ab.SweepConfig(name="s", storage_path=str(tmp_path / "rr"), mlflow_uri=uri, experiment="e", iterations=4)
+    client = MlflowClient(uri)
+    parent = tracking.create_run(uri, "e", "s")
+    for trial in ("t00_k=5_s0", "t01_k=9_s0"):
+        child = tracking.create_run(uri, "e", trial, parent, {"ablation.trial": trial})
+        client.log_batch(child, tags=[RunTag(k, v) for k, v in environment(1).to_tags().items()])
+    tracking.create_run(uri, "e", "never trained", parent, {"ablation.trial": "t02_k=13_s0"})
+    envs = sweep.trial_environments(cfg, parent)
+    assert sorted(envs) == ["t00_k=5_s0", "t01_k=9_s0"] and {e.key() for e in envs.values()} == {environment(1).key()}
+    sweep.record_environment(client, parent, envs, uri)
+    run = client.get_run(parent)
+    assert run.data.params["env.key"] == environment(1).key() and run.data.params["env.cpu_capability"] == "AVX2"
+    assert run.data.tags["env.footer"] == environment(1).footer()
+    sweep.record_environment(client, parent, {**envs, "t02_k=13_s0": environment(2)}, uri)
+    run = client.get_run(parent)
+    assert run.data.tags["env.footer"].startswith("Rows come from 2 different environments")
+    assert run.data.params["env.key"] == environment(1).key()  # params keep their first value
+    assert client.get_experiment_by_name("e").tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
 # ----------------------------------------------------------------------------------------------
 # the CLI (no Ray is started for a dry run or for bad arguments)
 # ----------------------------------------------------------------------------------------------
