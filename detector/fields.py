@@ -408,6 +408,8 @@ def _parse_scalar(hint: Any, text: str, token: Optional[Callable[[str], Any]]) -
             raise _Mismatch(repr(text))
         return value
     if hint is str or hint is Any:
+        if len(t) >= 2 and t[0] == t[-1] and t[0] in "\"'":
+            return t[1:-1]  # a quoted string (JSON/YAML style): the quotes are not part of the value
         return text
     if hint is type(None):
         if t.lower() in NONE_WORDS:

@@ -108,6 +108,9 @@ def test_data_options(text, message):
 def test_data_config_values():
     got = parse_assignments(DataConfig, ["train_min_size=[640, 800]", "cache_dir=null", "num_workers=0"], "--data-opt")
     assert got == {"train_min_size": (640, 800), "cache_dir": None, "num_workers": 0}
+    # JSON-style quotes around a string are not part of it (json.dumps(path) as a value)
+    assert parse_assignments(DataConfig, ['cache_dir="/tmp/a b"', "train_ann='/x.json'"], "--data-opt") == {
+        "cache_dir": "/tmp/a b", "train_ann": "/x.json"}
     assert DataConfig(train_min_size=[640, 800]).train_min_size == (640, 800)
     assert DataConfig(synthetic_image_size=128).synthetic_image_size == (128, 128)
     for bad, message in [(dict(num_workers=-1), "DataConfig.num_workers=-1: expected an int >= 0"),
