@@ -20,11 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not os.environ.get("RAY_ADDRESS"):
+    # The local Ray cluster this job starts: token authentication, Ray's own default, but set
+    # explicitly so Ray does not warn that it chose it. Ray reads it when imported, so here.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from detector.fields import parse_assignments  # noqa: E402
 from pipeline.cli import add_exit_codes, bad_input, run_main  # noqa: E402
