@@ -20,9 +20,12 @@ planned trial's config: those keys plus the whole ``TrialConfig.to_dict()``, in 
 exactly the planned trials run. The trial trains with the values of the short keys.
 
 MLflow: one parent run per sweep (tags ``ablation.table``, ``ablation.varied``, ``ablation.sweep``)
-and one child run per trial, both through :func:`pipeline.tracking.run_lifecycle`; the training
-logs params, metrics and artifacts into the child. The results table (Markdown, Parquet), the AP
-plot and the plan go to the parent when the sweep ends.
+and one child run per trial named by its row (``k=5``, ``k=5 [seed 0]`` over several seeds), both
+through :func:`pipeline.tracking.run_lifecycle`; the training logs params, metrics, artifacts and
+its environment (``env.*``) into the child. The results table (Markdown, Parquet), the AP plot and
+the plan go to the parent when the sweep ends, with the trials' environment (``env.*`` params and
+tags), the verdict on the paper's claim (tag ``ablation.claim``) and the link that opens the
+experiment on its runs table (tag ``ablation.runs_table``).
 
 Layout under ``<storage_path>/<sweep name>/`` (a local path or a URI such as ``s3://bucket/prefix``):
 Tune's experiment state and trial directories (the 1-worker trials' checkpoints), ``ablation/``
@@ -44,6 +47,7 @@ from typing import Any, Optional
 
 import ray
 from mlflow import MlflowClient
+from mlflow.entities import RunTag
 from ray import tune
 from ray.tune.experimental.output import AirVerbosity, TuneTerminalReporter
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -52,6 +56,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
 
 from pipeline import tracking
+from pipeline.environment import Environment, environment_footer
 from pipeline.evaluation import METRIC_KEYS
 from pipeline.resources import resolve_device
 from pipeline.training import Store, build_trainer, check_data_paths, connect_ray, tracked_training, worker_error
@@ -59,7 +64,7 @@ from pipeline.training.session import TuneProgress, quiet_ray_workers
 from pipeline.training.worker import train_in_tune
 
 from .plan import SweepConfig, SweepPlan, TrialConfig
-from .report import format_table, plot_results, results_frame, summarize_seeds
+from .report import format_table, plot_results, results_frame, summarize_seeds, table_claim
 from .space import unique
 
 PLAN_FILE = "plan.json"
@@ -299,6 +304,7 @@ class SweepResult:
     tracking_uri: str
     experiment: str
     wall_s: float
+    runs_url: str = ""  # the experiment's runs table in the MLflow UI (tracking.runs_table_url)
 
     @property
     def ui_command(self) -> str:
@@ -342,10 +348,15 @@ def run_sweep(plan: SweepPlan, say=print) -> SweepResult:
                                           "tracking_uri": cfg.mlflow_uri})
         client = MlflowClient(cfg.mlflow_uri)
         client.log_artifact(run.run_id, str(store.staging(PLAN_FILE)), "ablation")
+        runs_url = tracking.runs_table_url(cfg.mlflow_uri, client.get_run(run.run_id).info.experiment_id)
+        client.set_tag(run.run_id, "ablation.runs_table", runs_url)
+        say(f"[sweep] MLflow runs table (one child run per trial): {runs_url}")
         grid = _fit(plan, restore=state is not None, say=say)
         results = _collect(grid, plan, _tune_statuses(Store(cfg.storage_path, name).uri))
         _close_children(cfg, run.run_id)
-        df, markdown, paths = _write_results(plan, results, store, client, run.run_id)
+        environments = trial_environments(cfg, run.run_id)
+        record_environment(client, run.run_id, environments, cfg.mlflow_uri)
+        df, markdown, paths = _write_results(plan, results, store, client, run.run_id, environments)
         finished, failed = df[df["status"] == "done"], df[df["status"] == "error"]
         if len(finished):
             best = finished.loc[finished["AP"].idxmax()]
@@ -362,13 +373,46 @@ def run_sweep(plan: SweepPlan, say=print) -> SweepResult:
         elif len(failed) == len(df):
             run.fail(f"all {len(df)} trials failed; first: {failed['error'].iloc[0]}")
     return SweepResult(name, plan, df, markdown, paths, run.run_id, cfg.mlflow_uri, cfg.experiment,
-                       time.perf_counter() - t0)
+                       time.perf_counter() - t0, runs_url)
 
 
-def _write_results(plan: SweepPlan, results: dict[int, dict], store: Store, client, run_id: str):
-    """The results frame, its Markdown, Parquet and plot (and the seed means), logged to the parent."""
+def trial_environments(cfg: SweepConfig, parent_run_id: str) -> dict[str, Environment]:
+    """Trial name -> the environment its training recorded in its child run (``env.json`` tag;
+    trials that failed before training have none)."""
+    client = MlflowClient(cfg.mlflow_uri)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    runs = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return {r.data.tags["ablation.trial"]: Environment.from_tags(r.data.tags) for r in runs
+            if "ablation.trial" in r.data.tags and "env.json" in r.data.tags}
+
+
+def record_environment(client, run_id: str, environments: Mapping[str, Environment], uri: str) -> None:
+    """The parent run records what its trials' numbers depend on: the environment's ``env.*`` params
+    and tags when the trials share one, and always the table's footer (``env.footer``, one line per
+    environment when they differ) and the environments' keys (``env.keys``)."""
+    unique = {env.key(): env for env in environments.values()}
+    tags = {"env.footer": environment_footer(unique.values())[:tracking.MAX_PARAM_LENGTH],
+            "env.keys": ",".join(unique) or "none"}
+    if len(unique) == 1:
+        env = next(iter(unique.values()))
+        tags = {**env.to_tags(), **tags}
+        logged = client.get_run(run_id).data.params  # a resumed sweep keeps its first values
+        tracking.log_params(run_id, {k: v for k, v in env.to_params().items() if k not in logged}, uri)
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def _write_results(plan: SweepPlan, results: dict[int, dict], store: Store, client, run_id: str,
+                   environments: Mapping[str, Environment]):
+    """The results frame, its Markdown (verdict and environment footer), Parquet and plot (and the
+    seed means), logged to the parent."""
+    for trial in plan.trials:
+        if trial.name in environments and trial.index in results:
+            results[trial.index]["environment"] = environments[trial.name].key()
     df = results_frame(plan, results)
-    markdown = format_table(plan, df)
+    markdown = format_table(plan, df, environments.values())
+    judgement = table_claim(plan, df)
+    if judgement is not None:
+        client.set_tag(run_id, "ablation.claim", judgement.text()[:tracking.MAX_PARAM_LENGTH])
     files = {"markdown": "results.md", "parquet": "results.parquet", "plot": "ap.png"}
     store.staging("results.md").write_text(markdown)
     df.to_parquet(store.staging("results.parquet"), index=False)
@@ -534,5 +578,6 @@ def format_summary(res: SweepResult) -> str:
              f"  Markdown: {res.paths['markdown']}", f"  Parquet:  {res.paths['parquet']}",
              f"  plot:     {res.paths['plot']}",
              f"  MLflow:   experiment {res.experiment!r}, parent run {res.parent_run_id} (one child run per trial)",
-             f"  open the MLflow UI with:  {res.ui_command}"]
+             f"  open the MLflow UI with:  {res.ui_command}",
+             f"  then the runs table:      {res.runs_url}"]
     return "\n".join(lines)
