@@ -26,9 +26,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Ray reads these when it is imported, so here. The trials print similar lines, which Ray's log
+# deduplication would fold into one ("[repeated 2x across cluster]").
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 if not os.environ.get("RAY_ADDRESS"):
     # The local Ray cluster this job starts: token authentication, Ray's own default, but set
-    # explicitly so Ray does not warn that it chose it. Ray reads it when imported, so here.
+    # explicitly so Ray does not warn that it chose it.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from detector.fields import parse_assignments  # noqa: E402
