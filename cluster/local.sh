@@ -246,7 +246,7 @@ rehearsal_start_args() {
     ip="$(hostname -I 2>/dev/null | awk '{print $1}')"
     ip="${ip:-127.0.0.1}"
     (cd "$REPO" && "$python" -m pipeline.cluster rehearsal --like "$LIKE" --gcs-address "$ip:$PORT" \
-        --cores "${NUM_CPUS:-$(nproc)}" --idle-timeout-s "$IDLE_TIMEOUT" \
+        --cores "${NUM_CPUS:-$(getconf _NPROCESSORS_ONLN)}" --idle-timeout-s "$IDLE_TIMEOUT" \
         --out "$STATE_DIR/autoscaling.yaml") > "$STATE_DIR/rehearsal.out" || return $?
     while IFS= read -r line; do
         case "$line" in
@@ -255,7 +255,9 @@ rehearsal_start_args() {
         esac
     done < "$STATE_DIR/rehearsal.out"
     # The head node's id must be the one the config names (autoscaler v2 matches them).
-    rehearsal_env+=(RAY_FAKE_CLUSTER=1 RAY_enable_autoscaler_v2=1 AUTOSCALER_UPDATE_INTERVAL_S=1
+    # PYTHONPATH: the autoscaler on the head imports the node provider from pipeline/.
+    rehearsal_env+=(PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+        RAY_FAKE_CLUSTER=1 RAY_enable_autoscaler_v2=1 AUTOSCALER_UPDATE_INTERVAL_S=1
         RAY_CLOUD_INSTANCE_ID=fffffffffffffffffffffffffffffffffffffffffffffffffff00000
         RAY_OVERRIDE_NODE_ID_FOR_TESTING=fffffffffffffffffffffffffffffffffffffffffffffffffff00000
         # All simulated nodes share this machine's cores: one thread per worker process.

@@ -40,8 +40,9 @@ from pipeline.resources import (
 FAKE_HEAD_NODE_TYPE = "ray.head.default"
 FAKE_HEAD_NODE_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"
 # Loaded as an "external" provider: Ray's own "fake_multinode" type needs an example.yaml that the
-# wheel does not ship (autoscaler v2 reads defaults from it).
-FAKE_PROVIDER_MODULE = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
+# wheel does not ship (autoscaler v2 reads defaults from it). The subclass gives each simulated node
+# its own runtime-resources directory (pipeline/rehearsal_provider.py says why).
+FAKE_PROVIDER_MODULE = "pipeline.rehearsal_provider.RehearsalNodeProvider"
 # Names `cluster/local.sh start --like` knows (cluster/<name>.yaml).
 LIKE_NAMES = ("aws", "gcp")
 
