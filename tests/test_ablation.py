@@ -278,6 +278,9 @@ def test_one_seed_cannot_tell_and_tables_without_a_claim_say_so():
     assert "| k=9 | ours | 30.4 | - | - | - | - | - |" in md and "AP per seed" not in md
     assert "T4 AP flat in k (k >= 5, ±0.5 AP): cannot tell with one seed (in seed 0 it holds" in md
     assert report.table_claim(plan, df).verdict is Verdict.CANNOT_TELL
+    # models that detect nothing (a smoke run) are flat in k without telling anything
+    zeros = ab.results_frame(plan, {0: {"AP": 0.0}, 1: {"AP": 0.0}, 2: {"AP": 0.0}})
+    assert "cannot tell (every AP is 0: the models detect nothing yet" in ab.format_table(plan, zeros)
     # Table 7: the ATSS rows (#A = 9, 3, 3, 1) are the claim's; the max-IoU rows are not
     t7 = ab.plan_table("anchors_per_location", "tiny", seeds=[0, 1])
     ap = {t.label: [20.0, 22.0] for t in t7.trials}

@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 from pipeline.environment import Environment, environment_footer
 from pipeline.evaluation import METRIC_KEYS
-from pipeline.verdict import CLAIM_TABLES, Judgement, judge, paper_claim
+from pipeline.verdict import CLAIM_TABLES, Judgement, Verdict, judge, paper_claim
 
 from .plan import SweepPlan
 from .space import display_value, field_kind
@@ -129,7 +129,7 @@ class ClaimRow:
 def table_claim(plan: SweepPlan, df) -> Optional[Judgement]:
     """The paper's claim for the plan's table judged on the finished trials, paired by seed
     (:func:`pipeline.verdict.judge`); None where the paper makes no claim we test about it, or
-    too few of the claim's rows were planned."""
+    too few of the claim's rows were planned. All-zero AP (a smoke run) cannot tell."""
     rows, seen = [], set()
     for trial in plan.trials:
         if trial.label not in seen:
@@ -142,6 +142,11 @@ def table_claim(plan: SweepPlan, df) -> Optional[Judgement]:
     for _, r in df.iterrows():
         if r["status"] == "done" and not math.isnan(r["AP"]):
             ap_by_seed.setdefault(int(r["seed"]), {})[str(r["label"])] = float(r["AP"])
+    scores = [ap for seed in ap_by_seed.values() for label, ap in seed.items() if label in claim.test.rows]
+    if scores and not any(scores):
+        # models that detect nothing are "flat" in anything: no evidence either way
+        return Judgement(claim, Verdict.CANNOT_TELL, tuple(sorted(ap_by_seed)), (), None,
+                         note="every AP is 0: the models detect nothing yet (train longer)")
     return judge(claim, ap_by_seed)
 
 
