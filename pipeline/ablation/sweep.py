@@ -326,7 +326,7 @@ def run_sweep(plan: SweepPlan, say=print) -> SweepResult:
     cfg, name = plan.config, plan.name
     store = sweep_store(cfg.storage_path, name)
     state = store.read_json(STATE_FILE)
-    _ensure_ray(cfg.verbose > 0)
+    _ensure_ray(cfg.verbose > 0, dashboard=any(t.resources.num_workers > 1 for t in plan.trials))
     cluster = resolve_device("auto")
     if cluster != plan.device and not os.environ.get("ATSS_TRIAL_DEVICE"):
         say(f"[sweep] note: the trials are planned for {plan.device.upper()} workers but this cluster has "
@@ -427,7 +427,11 @@ def _write_results(plan: SweepPlan, results: dict[int, dict], store: Store, clie
     return df, markdown, paths
 
 
-def _ensure_ray(verbose: bool) -> None:
+def _ensure_ray(verbose: bool, dashboard: bool = True) -> None:
+    """Attach to ``RAY_ADDRESS``, else start a local cluster for this job. Without multi-worker
+    trials the local cluster has no dashboard: Ray Train's placement-group cleaner needs it (RAY_NOTES
+    section 0), 1-worker trials create no Train placement groups, and the dashboard's processes
+    are about 0.4 GB and a tenth of the bookkeeping's CPU on a 2-core box."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
@@ -448,7 +452,8 @@ def _ensure_ray(verbose: bool) -> None:
     os.environ["RAY_GCS_SERVER_PORT"] = port
     try:
         ray.init(runtime_env={"env_vars": env, "worker_process_setup_hook": quiet_ray_workers},
-                 log_to_driver=verbose, configure_logging=True, logging_level="warning")
+                 log_to_driver=verbose, configure_logging=True, logging_level="warning",
+                 include_dashboard=dashboard)
     finally:
         if previous is None:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
