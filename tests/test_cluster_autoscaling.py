@@ -190,9 +190,11 @@ def test_trials_land_on_their_node_class_and_idle_nodes_go(rehearsal, tmp_path):
     job_start = info["start_ms"] / 1000
     for cls, node in sorted(seen.items()):
         run = next(r for r in children if r.data.tags["ray.node_id"] == node["node_id"])
-        print(f"[rehearsal] {cls}: node up {node['start_ms'] / 1000 - job_start:.0f} s after the job started; "
-              f"trial run started {run.info.start_time / 1000 - node['start_ms'] / 1000:.0f} s after its node; "
-              f"node ended {(node['end_ms'] - node['start_ms']) / 1000:.0f} s after it started")
+        first_step = _metric_history(uri, run.info.run_id, "train/lr")[0].timestamp / 1000
+        print(f"[rehearsal] {cls}: trial run created {run.info.start_time / 1000 - job_start:.0f} s after the job "
+              f"started, its node up {(node['start_ms'] - run.info.start_time) / 1000:.0f} s later, first "
+              f"training iteration {first_step - node['start_ms'] / 1000:.0f} s after that; node ended "
+              f"{(node['end_ms'] - node['start_ms']) / 1000:.0f} s after it started")
 
 
 def _node_pids(node_id: str) -> list[int]:
