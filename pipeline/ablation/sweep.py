@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import time
@@ -199,12 +200,17 @@ def trial_label(trial) -> str:
     return f"{trial.config.get('name', 'trial')}_{trial.trial_id}"
 
 
-def trial_bundle(config: Mapping[str, Any]) -> tune.PlacementGroupFactory:
-    """What a Tune trial reserves: a 1-worker trial trains in it and holds the worker's CPUs/GPU;
-    a multi-worker trial only drives its TorchTrainer (Train reserves the workers)."""
+def trial_bundle(config: Mapping[str, Any], accelerator_type: Optional[str] = None) -> tune.PlacementGroupFactory:
+    """What a Tune trial reserves: a 1-worker trial trains in it and holds the worker's CPUs/GPU
+    (on a node of ``accelerator_type`` when given, as Train's ``ScalingConfig`` would ask); a
+    multi-worker trial only drives its TorchTrainer (Train reserves the workers)."""
     res = TrialConfig.from_dict(config).resources
-    return tune.PlacementGroupFactory([res.resources_per_worker() if res.num_workers == 1
-                                       else res.trial_resources()])
+    if res.num_workers > 1:
+        return tune.PlacementGroupFactory([res.trial_resources()])
+    bundle = res.resources_per_worker()
+    if accelerator_type and res.use_gpu:
+        bundle[f"accelerator_type:{accelerator_type}"] = 0.001
+    return tune.PlacementGroupFactory([bundle])
 
 
 def run_trial(config: dict, max_failures: int = 0, accelerator_type: Optional[str] = None) -> None:
@@ -486,7 +492,7 @@ def _fit(plan: SweepPlan, restore: bool, say):
     in_trial = any(t.resources.num_workers == 1 for t in plan.trials)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, max_failures=cfg.max_failures, accelerator_type=cfg.accelerator_type),
-        trial_bundle)
+        functools.partial(trial_bundle, accelerator_type=cfg.accelerator_type))
     path = Store(cfg.storage_path, name).uri
     if restore and tune.Tuner.can_restore(path):
         say(f"[sweep] restoring {name} from {path}: finished trials keep their results, the others resume")
