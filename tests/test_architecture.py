@@ -149,7 +149,7 @@ LAYERS = [
      "pipeline.cli"),
     ("pipeline.inference", "pipeline.submission", "pipeline.inference_cli"),
     ("pipeline.training",),
-    ("pipeline.ablation", "pipeline.cluster"),
+    ("pipeline.ablation", "pipeline.cluster", "pipeline.rehearsal_provider"),
 ]
 
 
