@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.ablation.plan import TrialConfig
 from pipeline.resources import NODE_CLASSES, cpu_plan, plan_for, table8_plans
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,8 +220,24 @@ def test_kuberay_rayjob_runs_the_k_ablation_on_that_cluster():
     assert float(env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"]) >= 600
 
 
-def test_rayjob_entrypoint_is_accepted_by_the_job_and_plans_gpu1_trials():
-    """The RayJob's command line, dry-run by the real jobs/ablation.py on a declared GPU cluster."""
+def _coco_root(root: Path) -> Path:
+    """A COCO-layout root with a tiny annotation file per split (the dry run parses them)."""
+    import json
+
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train2017", "val2017"):
+        (root / split).mkdir()
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps({
+            "images": [{"id": 1, "file_name": "1.jpg", "height": 480, "width": 640}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 50, 40], "area": 2000,
+                             "iscrowd": 0}],
+            "categories": [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}]}))
+    return root
+
+
+def test_rayjob_entrypoint_is_accepted_by_the_job_and_plans_gpu1_trials(tmp_path):
+    """The RayJob's command line, dry-run by the real jobs/ablation.py on a declared GPU cluster (its COCO
+    root, which only the cluster has, replaced by a small one here: the dry run checks the data)."""
     import json
     import os
     import subprocess
@@ -229,6 +246,9 @@ def test_rayjob_entrypoint_is_accepted_by_the_job_and_plans_gpu1_trials():
     job = _kuberay_docs()[("RayJob", "atss-k-ablation")]
     argv = shlex.split(job["spec"]["entrypoint"])
     argv[:2] = [sys.executable, str(REPO / "jobs" / "ablation.py")]
+    data = argv.index("--data") + 1
+    assert argv[data].startswith("coco:")
+    argv[data] = f"coco:{_coco_root(tmp_path / 'coco')}"
     env = {**os.environ, "ATSS_TRIAL_DEVICE": "gpu"}
     out = subprocess.run([*argv, "--dry-run", "--json"], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=300)
@@ -236,9 +256,9 @@ def test_rayjob_entrypoint_is_accepted_by_the_job_and_plans_gpu1_trials():
     trials = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(trials) == 9
     for trial in trials:
-        res = trial["resources"]
-        assert res["node_class"] == "gpu1" and res["global_batch"] == 16
-        assert res["resources_per_worker"] == plan_for("R-50").resources_per_worker()
+        res = TrialConfig.from_dict(trial).resources  # what the trial will ask Ray for
+        assert res.node_class == "gpu1" and res.global_batch == 16
+        assert res.resources_per_worker() == plan_for("R-50").resources_per_worker()
 
 def test_runtime_env_file_is_a_valid_ray_runtime_env():
     from ray.runtime_env import RuntimeEnv
