@@ -29,6 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # Ray reads these when it is imported, so here. The trials print similar lines, which Ray's log
 # deduplication would fold into one ("[repeated 2x across cluster]").
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Before torch loads OpenMP (here and in the local Ray cluster started from this process, whose workers
+# inherit it): idle OpenMP threads sleep instead of spinning (docs/training.md, Throughput).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if not os.environ.get("RAY_ADDRESS"):
     # The local Ray cluster this job starts: token authentication, Ray's own default, but set
     # explicitly so Ray does not warn that it chose it.

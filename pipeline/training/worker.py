@@ -32,8 +32,9 @@ def train_worker(cfg: TrainConfig, session: Session) -> dict:
     time of data loading and steps after the warm-up), ``steady_images`` and ``train_images_per_s``;
     ``{}`` on the other ranks."""
     device = session.device
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
+    threads = cfg.torch_threads or session.default_threads()
+    if threads:
+        torch.set_num_threads(threads)
     world = session.world_size
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} workers")
