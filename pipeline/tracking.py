@@ -364,6 +364,17 @@ def _pyplot():
     return plt
 
 
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Lay out, write (parents created) and close a matplotlib figure; returns the path."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_loss_curves(history: Mapping[str, list[tuple[int, float]]], path: str | os.PathLike,
                      title: str = "training losses") -> Path:
     """One line per loss (``{name: [(iteration, value)]}``) on a log scale; returns the PNG path."""
@@ -385,12 +396,7 @@ def plot_loss_curves(history: Mapping[str, list[tuple[int, float]]], path: str |
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_per_category_ap(per_category: Mapping[str, float], path: str | os.PathLike,
@@ -411,9 +417,4 @@ def plot_per_category_ap(per_category: Mapping[str, float], path: str | os.PathL
     ax.set_xlabel("AP (IoU .50:.95)")
     ax.set_title(title)
     ax.grid(True, axis="x", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

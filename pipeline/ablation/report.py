@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 from pipeline.environment import Environment, environment_footer
 from pipeline.evaluation import METRIC_KEYS
+from pipeline.tracking import save_figure
 from pipeline.verdict import CLAIM_TABLES, Judgement, Verdict, judge, paper_claim
 
 from .plan import SweepPlan
@@ -280,9 +281,4 @@ def plot_results(plan: SweepPlan, df, path: str | os.PathLike) -> Path:
     ax.set_title(plan.title, fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(handles, names, loc="best", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
