@@ -235,9 +235,10 @@ class TuneSession(Session):
         return placement_tags()
 
     def default_threads(self) -> Optional[int]:
-        """The trial's CPUs (at least 1), as Ray Train gives its workers. The loop runs in Tune's runner
-        thread, which does not inherit the OpenMP setting Ray makes for the actor: left alone, torch
-        uses every core in each trial, and three demo trials on two cores ran 7x slower."""
+        """The trial's CPUs (at least 1), as Ray Train gives its workers. Ray sets ``OMP_NUM_THREADS`` for
+        an actor only when the variable is not set at all, and several trials that each use every core
+        oversubscribe the machine: the demo's three trials on two cores ran 7x slower before this (and
+        ``OMP_WAIT_POLICY=PASSIVE`` in jobs/ablation.py) were set."""
         import math
 
         import ray
