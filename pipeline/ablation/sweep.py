@@ -186,9 +186,9 @@ class PlannedTrials(Searcher):
 class ProgressReportCallback(TuneReportCallback):
     """``TuneReportCallback`` whose results lead with the progress table's columns (:class:`TuneProgress`)."""
 
-    def __init__(self, max_iter: int, batch_size: int):
+    def __init__(self, max_iter: int):
         super().__init__()
-        self.progress = TuneProgress(max_iter, batch_size)
+        self.progress = TuneProgress(max_iter)
 
     def after_report(self, run_context, metrics, checkpoint):
         super().after_report(run_context, [self.progress.result(metrics[0])] + list(metrics[1:]), checkpoint)
@@ -229,7 +229,7 @@ def run_trial(config: dict, max_failures: int = 0, accelerator_type: Optional[st
         if accelerator_type:
             scaling["accelerator_type"] = accelerator_type
         trainer = build_trainer(train, res.num_workers, res.use_gpu, res.resources_per_worker(), max_failures,
-                                [ProgressReportCallback(train.max_iter, train.batch_size)], scaling)
+                                [ProgressReportCallback(train.max_iter)], scaling)
         try:
             trainer.fit()
         except BaseException as e:
