@@ -86,9 +86,8 @@ class TuneProgress:
 
     COLUMNS = ("iteration", "images_per_s", "AP", "eta_s", "mean_loss")
 
-    def __init__(self, max_iter: int, batch_size: int):
+    def __init__(self, max_iter: int):
         self.max_iter = max_iter
-        self.batch_size = batch_size
         self.ap: Optional[float] = None
         self.start: Optional[tuple[float, int]] = None
 
@@ -100,12 +99,9 @@ class TuneProgress:
         t0, it0 = self.start
         if metrics.get("AP") is not None:
             self.ap = metrics["AP"]
-        rate = metrics.get("images_per_s")
-        if it > it0:
-            eta = (now - t0) / (it - it0) * (self.max_iter - it)
-        else:  # the first report: the loop's own images/s (a trial's first ETA comes one log period early)
-            eta = (self.max_iter - it) * self.batch_size / rate if rate else None
-        out = {"iteration": it, "images_per_s": rate, "AP": self.ap, "eta_s": eta, "mean_loss": metrics.get("loss")}
+        out = {"iteration": it, "images_per_s": metrics.get("images_per_s"), "AP": self.ap,
+               "eta_s": (now - t0) / (it - it0) * (self.max_iter - it) if it > it0 else None,
+               "mean_loss": metrics.get("loss")}
         out.update((k, v) for k, v in metrics.items() if k not in out and k != "loss")
         return out
 
@@ -222,7 +218,7 @@ class TuneSession(Session):
 
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
-        self.progress = TuneProgress(cfg.max_iter, cfg.batch_size)
+        self.progress = TuneProgress(cfg.max_iter)
         self.checkpoint_path: Optional[str] = None
         self.metrics_of_checkpoint: dict = {}
 
