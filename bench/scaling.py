@@ -135,7 +135,8 @@ def profile_step(preset: str, data: dict, batch: int, steps: int, device: str, a
 
     from detector import build_detector
     from pipeline.data import DataConfig, build_dataloader
-    from pipeline.optim import WarmupMultiStepLR, build_optimizer, resolve_schedule
+    from pipeline.optim import WarmupMultiStepLR, build_optimizer
+    from pipeline.schedule import resolve_schedule
     from pipeline.training.loop import to_device, train_step
 
     base = DataConfig.tiny() if preset == "tiny" else DataConfig()
@@ -189,7 +190,8 @@ def gpu_precision(batch: int, steps: int) -> list[dict]:
     import torch
 
     from detector import build_detector, get_preset
-    from pipeline.optim import WarmupMultiStepLR, build_optimizer, resolve_schedule
+    from pipeline.optim import WarmupMultiStepLR, build_optimizer
+    from pipeline.schedule import resolve_schedule
     from pipeline.training import train_step
 
     g = torch.Generator().manual_seed(0)

@@ -29,12 +29,11 @@ import platform
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
+from .data.config import DataConfig
+from .data.sources import resolve_split, synthetic_spec
 from .synthetic import GENERATOR_VERSION, SyntheticSpec
-
-if TYPE_CHECKING:
-    from .data.config import DataConfig
 
 __all__ = ["DataFingerprint", "Environment", "collect_environment", "cpu_description", "data_fingerprint",
            "environment_footer", "SIMD_FLAGS", "KERNEL_ENV_VARS"]
@@ -97,15 +96,12 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     return h.hexdigest()
 
 
-def data_fingerprint(cfg: "DataConfig") -> DataFingerprint:
+def data_fingerprint(cfg: DataConfig) -> DataFingerprint:
     """The fingerprint of a :class:`~pipeline.data.DataConfig`'s train and val data (test has no labels).
 
     Synthetic data is not generated for this: its spec defines it. For files, the splits the
     config names are hashed (a ``files`` source may name only some).
     """
-    # pipeline.data loads torch; imported here so that reading environments back stays light.
-    from .data.loader import resolve_split, synthetic_spec
-
     if cfg.source == "synthetic":
         return DataFingerprint.of_synthetic(synthetic_spec(cfg))
     files = {}

@@ -324,6 +324,20 @@ def resolve_device(device: str = "auto", cluster_resources: Mapping[str, float] 
     return "gpu" if cluster_resources.get("GPU", 0) > 0 else "cpu"
 
 
+def local_gpu_count(env: Mapping[str, str] | None = None, driver_dir: str = "/proc/driver/nvidia/gpus") -> int:
+    """The GPUs a Ray cluster started on this machine registers, without loading torch or CUDA:
+    the devices ``CUDA_VISIBLE_DEVICES`` names when it is set (as Ray and torch read it), else the
+    NVIDIA driver's device list (none without the driver)."""
+    env = os.environ if env is None else env
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        return len(os.listdir(driver_dir))
+    except OSError:
+        return 0
+
+
 def declared_cpu_scale(env: Mapping[str, str] | None = None) -> float:
     """The CPU scale the cluster declares (``ATSS_CPU_SCALE``; 1 when unset, i.e. a real cluster)."""
     raw = (os.environ if env is None else env).get(CPU_SCALE_ENV, "").strip()

@@ -143,7 +143,8 @@ def test_jobs_and_bench_import_only_the_packages(folder):
 # The layers of docs/architecture.md's package map, lowest first (a prefix names a package).
 LAYERS = [
     ("detector",),
-    ("pipeline.progress", "pipeline.verdict", "pipeline.optim", "pipeline.tracking", "pipeline.training.store"),
+    ("pipeline.progress", "pipeline.verdict", "pipeline.schedule", "pipeline.optim", "pipeline.tracking",
+     "pipeline.training.store"),
     ("pipeline.synthetic", "pipeline.data"),
     ("pipeline.evaluation", "pipeline.tta", "pipeline.checkpoint", "pipeline.resources", "pipeline.environment",
      "pipeline.cli"),
@@ -174,3 +175,21 @@ def test_imports_never_go_up_a_layer():
               for m, targets in graph.items() if m != "pipeline" for t in targets
               if t != "pipeline" and layer_of(t) > layer_of(m)]
     assert not upward, "\n".join(upward)
+
+
+LAZY_PACKAGES = ("detector", "pipeline.data", "pipeline.training")
+
+
+@pytest.mark.parametrize("package", LAZY_PACKAGES)
+def test_lazy_exports_resolve_to_what_they_name(package):
+    """A package's torch-backed names load on first use (PEP 562). Importing a submodule binds its
+    name on the package, so a lazy name must never be a submodule's (``pipeline.data.collate`` was
+    the module, not the function, once ``pipeline.data.loader`` had run): each name must resolve to
+    the object its module defines, whatever was imported before."""
+    import importlib
+
+    pkg = importlib.import_module(package)
+    for name, module in pkg.TORCH_NAMES.items():
+        submodule = importlib.import_module(f"{package}.{module}")
+        expected = submodule if name == module else getattr(submodule, name)
+        assert getattr(pkg, name) is expected, f"{package}.{name} is not {module}.{name}"

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from detector import DetectorConfig, build_detector, get_preset
 from detector.fields import FieldError, parse_assignments
 from pipeline.data import DataConfig, build_dataset
-from pipeline.data.collate import collate
+from pipeline.data.batching import collate
 from pipeline.optim import build_optimizer
 from pipeline.training import TrainConfig, build_train_config
 

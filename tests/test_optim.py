@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.optim import (Schedule, WarmupMultiStepLR, build_optimizer, grad_norm, load_training_state,
-                            param_groups, resolve_schedule)
+from pipeline.optim import WarmupMultiStepLR, build_optimizer, grad_norm, load_training_state, param_groups
+from pipeline.schedule import Schedule, resolve_schedule
 
 
 class _Head(nn.Module):

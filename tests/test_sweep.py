@@ -1,11 +1,14 @@
 """The main job end to end on the session's local Ray cluster: a 2-trial Tune sweep (1-worker trials
 train inside their Tune trial; tiny preset, tiny images, a few iterations), MLflow parent/child runs,
 the results table in Markdown and Parquet, the restore of a sweep by its name, and a trial that fails
-once and resumes from its Tune checkpoint. Without Ray: the progress table's columns, the short
-swept keys and the sweep's ETA line."""
+once and resumes from its Tune checkpoint, and a sweep whose driver never loads torch. Without Ray:
+the progress table's columns, the short swept keys and the sweep's ETA line."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -124,10 +127,31 @@ def test_in_trial_training_fails_once_and_resumes_from_its_tune_checkpoint(ray_c
     assert "eval/AP" in children[0].data.metrics
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_the_sweep_driver_never_loads_torch(ray_cluster, tmp_path):
+    """`python jobs/ablation.py` plans, starts, watches and reports the sweep without importing
+    torch (about 0.5 GB in every process that does, docs/ablation.md "Footprint"); only the trials
+    load it. Run as `ray job submit` would: a separate driver attached to this session's cluster."""
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
+    cmd = [sys.executable, "-X", "importtime", str(REPO / "jobs" / "ablation.py"), "--smoke", "--values", "5",
+           "--name", "light", "--storage-path", str(tmp_path / "rr"), "--mlflow-uri",
+           f"sqlite:///{tmp_path / 'mlflow.db'}", "--quiet"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = pq.read_table(tmp_path / "rr" / "light" / "ablation" / "results.parquet").to_pandas()
+    assert list(table["status"]) == ["done"]  # the trial trained (with torch, in its own process)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert {"ray.tune", "mlflow", "pipeline.ablation.sweep", "pipeline.training.driver"} <= imported
+    heavy = sorted(m for m in imported if m.split(".")[0] in ("torch", "torchvision") or m == "detector.model")
+    assert not heavy, f"the driver imported {heavy[:10]}"
+
+
 def test_progress_results_lead_with_the_table_columns():
     """Tune's table takes the first four numeric keys of the first results: iteration, images/s,
     AP (the latest evaluation's, None before) and the trial's ETA; the loss as mean_loss ("loss")."""
-    from pipeline.training.session import TuneProgress
+    from pipeline.training.reporting import TuneProgress
 
     progress = TuneProgress(max_iter=10)
     first = progress.result({"iteration": 1, "loss": 2.0, "loss_cls": 1.0, "images_per_s": 3.0})
@@ -143,7 +167,8 @@ def test_short_swept_keys_hold_the_trained_values(tmp_path):
     """param_space names the swept fields by their short names; the trial trains with the values
     under those keys (the planned config only supplies everything else)."""
     from pipeline.ablation import SweepConfig, plan_table
-    from pipeline.ablation.sweep import PlannedTrials, param_space, trial_config
+    from pipeline.ablation.sweep import PlannedTrials, param_space
+    from pipeline.ablation.trial import trial_config
 
     config = SweepConfig(name="s", storage_path=str(tmp_path), mlflow_uri=f"sqlite:///{tmp_path}/m.db",
                          iterations=4).resolve_paths()

@@ -173,7 +173,8 @@ def _batch():
 
 def _one_step(images, targets):
     from detector import build_detector, get_preset
-    from pipeline.optim import WarmupMultiStepLR, build_optimizer, resolve_schedule
+    from pipeline.optim import WarmupMultiStepLR, build_optimizer
+    from pipeline.schedule import resolve_schedule
 
     torch.manual_seed(0)
     # FrozenBN: trainable BatchNorm would see 2 vs 4 images (no SyncBN, as the paper)
@@ -216,7 +217,8 @@ def test_one_worker_batch4_equals_two_workers_batch2(tmp_path):
 # ---------------------------------------------------------------------------------------------
 def test_training_is_fp32_by_default_and_bf16_only_when_asked(tmp_path, data_cache, capsys):
     from detector import build_detector, get_preset
-    from pipeline.optim import WarmupMultiStepLR, build_optimizer, resolve_schedule
+    from pipeline.optim import WarmupMultiStepLR, build_optimizer
+    from pipeline.schedule import resolve_schedule
 
     assert build_train_config().amp is None
     images, targets = _batch()

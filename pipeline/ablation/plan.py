@@ -26,7 +26,8 @@ from typing import Any, ClassVar, Optional
 from detector.config import PRESETS, DetectorConfig, get_preset
 from detector.fields import Rule, check_fields
 from pipeline import tracking
-from pipeline.resources import TrialResources, cpu_plan, declared_cpu_scale, plan_for, resolve_device
+from pipeline.resources import (TrialResources, cpu_plan, declared_cpu_scale, local_gpu_count, plan_for,
+                                resolve_device)
 from pipeline.training import TrainConfig, build_train_config, check_settings, is_tiny
 
 from .space import RANGE, SearchSpace, coerce_value, display_value, parse_space, range_values, resolve_field, unique
@@ -144,14 +145,12 @@ def trial_device(device: str) -> str:
 
     An explicit choice wins; ``"auto"`` takes the cluster's declaration (``ATSS_TRIAL_DEVICE``, set
     by the cluster configs), else the GPUs of the Ray cluster this process is connected to, else
-    this machine's GPUs (what a local cluster started here will have).
+    this machine's GPUs (what a local cluster started here will have, :func:`local_gpu_count`).
     """
     ray = sys.modules.get("ray")  # not connected unless Ray was imported and initialised already
     if device != "auto" or (ray is not None and ray.is_initialized()):
         return resolve_device(device)
-    import torch
-
-    return resolve_device(device, {"GPU": torch.cuda.device_count()})
+    return resolve_device(device, {"GPU": local_gpu_count()})
 
 
 # ---------------------------------------------------------------------------------------------

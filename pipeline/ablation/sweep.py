@@ -1,6 +1,7 @@
 """Run a :class:`~pipeline.ablation.plan.SweepPlan` as a Ray Tune sweep.
 
-Every Tune trial is a small function (:func:`run_trial`) that trains its :class:`TrialConfig`:
+Every Tune trial is a small function (:func:`run_trial`) that trains its :class:`TrialConfig`
+(:mod:`pipeline.ablation.trial`, imported in the trial's process only: this driver never loads torch):
 
 * a **1-worker trial** (the CPU default, a 1-GPU R-50 trial) runs the training loop inside the
   Tune trial itself (:func:`pipeline.training.worker.train_in_tune`, the same ``Trainer`` as Ray
@@ -51,7 +52,6 @@ from mlflow import MlflowClient
 from mlflow.entities import RunTag
 from ray import tune
 from ray.tune.experimental.output import AirVerbosity, TuneTerminalReporter
-from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
@@ -60,9 +60,8 @@ from pipeline import tracking
 from pipeline.environment import Environment, environment_footer
 from pipeline.evaluation import METRIC_KEYS
 from pipeline.resources import resolve_device
-from pipeline.training import Store, build_trainer, check_data_paths, connect_ray, tracked_training, worker_error
-from pipeline.training.session import TuneProgress, quiet_ray_workers
-from pipeline.training.worker import train_in_tune
+from pipeline.training import Store, check_data_paths, connect_ray
+from pipeline.training.reporting import quiet_ray_workers
 
 from .plan import SweepConfig, SweepPlan, TrialConfig
 from .report import format_table, plot_results, results_frame, summarize_seeds, table_claim
@@ -136,22 +135,6 @@ def param_space(plan: SweepPlan) -> dict[str, Any]:
     return space
 
 
-def trial_config(config: Mapping[str, Any]) -> TrialConfig:
-    """The :class:`TrialConfig` a Tune trial trains: its planned config with the values of the
-    short swept keys applied (they are the real hyperparameters, as in any Tune ``param_space``)."""
-    planned = {k: config[k] for k in ("index", "label", "paper", "train", "resources") if k in config}
-    trial = TrialConfig.from_dict(planned)
-    swept = {k: v for k, v in config.items() if k not in planned and k != "name"}
-    train = trial.train
-    if "seed" in swept:
-        train = train.replace(seed=int(swept.pop("seed")))
-    if swept:
-        overrides = TrialConfig.from_dict({**planned, "train": {**planned["train"], "detector": {
-            **planned["train"]["detector"], **swept}}}).train.detector  # coerced like the plan's values
-        train = train.replace(detector=overrides)
-    return dataclasses.replace(trial, train=train)
-
-
 class PlannedTrials(Searcher):
     """A Tune searcher that suggests each planned trial's config once, in plan order, then finishes:
     the short swept keys of :func:`param_space` with the trial's values, plus the whole
@@ -183,17 +166,6 @@ class PlannedTrials(Searcher):
             self.next = json.load(f)["next"]
 
 
-class ProgressReportCallback(TuneReportCallback):
-    """``TuneReportCallback`` whose results lead with the progress table's columns (:class:`TuneProgress`)."""
-
-    def __init__(self, max_iter: int):
-        super().__init__()
-        self.progress = TuneProgress(max_iter)
-
-    def after_report(self, run_context, metrics, checkpoint):
-        super().after_report(run_context, [self.progress.result(metrics[0])] + list(metrics[1:]), checkpoint)
-
-
 def trial_label(trial) -> str:
     """Tune's name and directory of a trial: the planned trial's name (``t00_k=5_s0``) and Tune's id
     (Tune would name the directory after every field of the config)."""
@@ -214,29 +186,13 @@ def trial_bundle(config: Mapping[str, Any], accelerator_type: Optional[str] = No
 
 
 def run_trial(config: dict, max_failures: int = 0, accelerator_type: Optional[str] = None) -> None:
-    """Tune function trainable: train the trial ``config`` (:class:`PlannedTrials`' suggestion).
+    """Tune function trainable: train the trial ``config`` (:class:`PlannedTrials`' suggestion) in
+    this trial's process (:func:`pipeline.ablation.trial.train_trial`)."""
+    # Imported in the trial's process only: the training loads torch (about 0.5 GB a process), and
+    # this driver plans, starts and watches the trials without it (docs/ablation.md, Footprint).
+    from .trial import train_trial
 
-    Its MLflow child run is started (or re-attached after a restart or restore) before training
-    starts, so a trial that never trains is still visible, and ends FAILED with the error.
-    """
-    trial = trial_config(config)
-    res = trial.resources
-    with tracked_training(trial.train, trial.run_label, clear_tags=("ablation.stopped",)) as train:
-        if res.num_workers == 1:
-            train_in_tune(train)
-            return
-        scaling = {"placement_strategy": res.scaling_config_kwargs()["placement_strategy"]}
-        if accelerator_type:
-            scaling["accelerator_type"] = accelerator_type
-        trainer = build_trainer(train, res.num_workers, res.use_gpu, res.resources_per_worker(), max_failures,
-                                [ProgressReportCallback(train.max_iter)], scaling)
-        try:
-            trainer.fit()
-        except BaseException as e:
-            cause = worker_error(e)
-            if cause is not e and isinstance(cause, Exception):
-                raise cause from e  # the worker's own error, not Ray's wrapper
-            raise
+    train_trial(config, max_failures, accelerator_type)
 
 
 class SweepReporter(TuneTerminalReporter):

@@ -2,23 +2,47 @@
 
 Boxes are ``xyxy`` float32 in absolute continuous pixels (no +1); labels are contiguous ``1..C``
 (:class:`CategoryMap` maps them to COCO ids and back).
+
+Annotations, categories, the config, the index and where a split's files are need no torch; the
+decoding, transforms, datasets and loaders do, and load on first use (PEP 562), so a driver that
+only checks and plans data stays torch-free (``detector/__init__.py``).
 """
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from .annotations import AnnotationError, AnnotationTable, load_coco_json
 from .categories import CategoryMap
-from .collate import collate, pad_images
 from .config import DataConfig
-from .dataset import CocoDetection, EmptyDatasetError, TooManyBadImagesError
-from .decode import EncodedBatch, EncodedImage, decode_bytes, read_bytes, read_image
 from .index import build_index, read_index, write_index
-from .loader import build_dataloader, build_dataset, resolve_split
-from .samplers import GroupedBatchSampler, InferenceBatchSampler, orientation_groups
-from .transforms import DetectionTransform, get_resize_size, hflip, hflip_boxes, resize, resize_flip
+from .sources import SPLITS, resolve_split, synthetic_spec
 
-__all__ = [
-    "AnnotationError", "AnnotationTable", "load_coco_json", "CategoryMap", "collate", "pad_images",
-    "DataConfig", "CocoDetection", "EmptyDatasetError", "TooManyBadImagesError", "EncodedBatch",
-    "EncodedImage", "decode_bytes", "read_bytes", "read_image",
-    "build_index", "read_index", "write_index", "build_dataloader", "build_dataset", "resolve_split",
-    "GroupedBatchSampler", "InferenceBatchSampler", "orientation_groups", "DetectionTransform",
-    "get_resize_size", "hflip", "hflip_boxes", "resize", "resize_flip",
-]
+if TYPE_CHECKING:
+    from .batching import collate, pad_images
+    from .dataset import CocoDetection, EmptyDatasetError, TooManyBadImagesError
+    from .decode import EncodedBatch, EncodedImage, decode_bytes, read_bytes, read_image
+    from .loader import build_dataloader, build_dataset
+    from .samplers import GroupedBatchSampler, InferenceBatchSampler, orientation_groups
+    from .transforms import DetectionTransform, get_resize_size, hflip, hflip_boxes, resize, resize_flip
+
+TORCH_NAMES = {
+    **dict.fromkeys(("collate", "pad_images"), "batching"),
+    **dict.fromkeys(("CocoDetection", "EmptyDatasetError", "TooManyBadImagesError"), "dataset"),
+    **dict.fromkeys(("EncodedBatch", "EncodedImage", "decode_bytes", "read_bytes", "read_image"), "decode"),
+    **dict.fromkeys(("build_dataloader", "build_dataset"), "loader"),
+    **dict.fromkeys(("GroupedBatchSampler", "InferenceBatchSampler", "orientation_groups"), "samplers"),
+    **dict.fromkeys(("DetectionTransform", "get_resize_size", "hflip", "hflip_boxes", "resize", "resize_flip"),
+                    "transforms"),
+}
+
+__all__ = ["AnnotationError", "AnnotationTable", "load_coco_json", "CategoryMap", "DataConfig", "build_index",
+           "read_index", "write_index", "SPLITS", "resolve_split", "synthetic_spec", *TORCH_NAMES]
+
+
+def __getattr__(name: str):
+    if name not in TORCH_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{TORCH_NAMES[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -100,7 +100,7 @@ class EncodedBatch:
 
     JPEGs are decoded in one batched ``decode_jpeg(..., device=device)`` call (nvJPEG on CUDA),
     resized and flipped there, and padded with zeros to a multiple of ``size_divisible``, like
-    :func:`pipeline.data.collate.pad_images` does on the host.
+    :func:`pipeline.data.batching.pad_images` does on the host.
     """
 
     def __init__(self, items: Sequence[EncodedImage], size_divisible: int = 32):

@@ -26,9 +26,9 @@ from typing import Any, ClassVar, Mapping, Optional
 from detector.config import PRESETS, DetectorConfig, get_preset
 from detector.fields import FieldError, Rule, check_fields, check_value
 from pipeline.data import CategoryMap, DataConfig, read_index
-from pipeline.data.loader import resolve_split, synthetic_spec
+from pipeline.data.sources import resolve_split, synthetic_spec
 from pipeline.evaluation import BACKENDS
-from pipeline.optim import REFERENCE_BATCH_SIZE, Schedule, resolve_schedule
+from pipeline.schedule import REFERENCE_BATCH_SIZE, Schedule, resolve_schedule
 from pipeline.tracking import DEFAULT_EXPERIMENT, TrackingConfig
 
 __all__ = ["TrainConfig", "build_train_config", "is_tiny", "read_categories", "AMP_MODES", "SETTINGS",
@@ -50,8 +50,8 @@ class TrainConfig:
     Model and data
         detector: the ``DetectorConfig`` that trains (``num_classes`` = the training data's categories);
         data: the ``DataConfig``; preset: the preset the detector started from (a record only).
-    Optimisation (``pipeline.optim``)
-        schedule: the resolved :class:`~pipeline.optim.Schedule` (iterations, LR steps, warm-up, the LR
+    Optimisation (``pipeline.schedule``)
+        schedule: the resolved :class:`~pipeline.schedule.Schedule` (iterations, LR steps, warm-up, the LR
             after linear scaling); batch_size: global images per iteration (split evenly over workers);
         momentum, weight_decay, bias_lr_factor, bias_weight_decay; max_grad_norm (None: no clipping,
             as the paper; non-finite norms always stop the run).
@@ -350,7 +350,7 @@ def build_train_config(
       paper's ``DataConfig()`` (or a ``DataConfig``).
     * ``schedule`` ``"1x"``/``"2x"`` or ``iterations`` (+ ``lr_steps``), ``base_lr`` at
       ``reference_batch_size``, ``scale_lr``, warm-up and ``gamma``: resolved by
-      :func:`pipeline.optim.resolve_schedule` (the linear scaling rule for other batch sizes).
+      :func:`pipeline.schedule.resolve_schedule` (the linear scaling rule for other batch sizes).
     * ``amp``: None (fp32) or ``"bf16"``.
     * ``storage_path`` (default ``<cwd>/ray_results``) made absolute; ``run_name`` default
       ``atss_<preset>_<time>``; MLflow (``mlflow_enabled=False``: none) with ``mlflow_uri`` made

@@ -22,10 +22,8 @@ from pipeline.data import resolve_split
 from pipeline.resources import torch_backend
 
 from .config import TrainConfig, read_categories
-from .hooks import known_mlflow_run, remember_mlflow_run
-from .session import ray_train_logging
-from .store import Store
-from .worker import train_in_process, train_loop_per_worker
+from .reporting import ray_train_logging
+from .store import Store, known_mlflow_run, remember_mlflow_run
 
 __all__ = ["TrainResult", "run_training", "build_trainer", "tracked_training", "connect_ray", "worker_error",
            "check_data_paths", "check_workers", "has_checkpoints"]
@@ -121,11 +119,16 @@ def connect_ray(**init_kwargs) -> None:
 def build_trainer(cfg: TrainConfig, num_workers: int = 2, use_gpu: bool = False,
                   resources_per_worker: Optional[dict] = None, max_failures: int = 0,
                   callbacks: Optional[list] = None, scaling_kwargs: Optional[dict] = None,
-                  train_loop: Callable[[dict], Any] = train_loop_per_worker):
-    """A ``TorchTrainer`` for ``cfg`` (``train_loop_config = cfg.to_dict()``); the sweeps call
-    ``.fit()`` on it inside their Tune trials (with ``callbacks=[TuneReportCallback()]``)."""
+                  train_loop: Optional[Callable[[dict], Any]] = None):
+    """A ``TorchTrainer`` for ``cfg`` (``train_loop_config = cfg.to_dict()``) running ``train_loop``
+    (default :func:`~pipeline.training.worker.train_loop_per_worker`); the sweeps call ``.fit()``
+    on it inside their Tune trials (with ``callbacks=[TuneReportCallback()]``)."""
+    # The trainer and the loop load torch; imported where a trainer is built, so that this module
+    # (connect_ray, check_data_paths, tracked_training) leaves a sweep's driver torch-free.
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .worker import train_loop_per_worker
 
     _driver_env()
     check_workers(cfg, num_workers)
@@ -144,7 +147,7 @@ def build_trainer(cfg: TrainConfig, num_workers: int = 2, use_gpu: bool = False,
         # prints its own progress. Ray's system log files under logs/train/ keep every level.
         logging_config=ray_train_logging(),
     )
-    return TorchTrainer(train_loop, train_loop_config=cfg.to_dict(),
+    return TorchTrainer(train_loop or train_loop_per_worker, train_loop_config=cfg.to_dict(),
                         torch_config=TorchConfig(backend=torch_backend(use_gpu)),
                         scaling_config=ray.train.ScalingConfig(**scaling), run_config=run_config)
 
@@ -236,6 +239,8 @@ def _fit(cfg: TrainConfig, num_workers: int, use_gpu: bool, max_failures: int,
          resources_per_worker: Optional[dict], callbacks: Optional[list]) -> tuple[dict, dict, Optional[str]]:
     """(rank 0's summary, the last reported metrics, the checkpoint) of one fit."""
     if num_workers == 0:
+        from .worker import train_in_process  # this process trains: torch loads here (build_trainer)
+
         summary = train_in_process(cfg)
         return summary, dict(summary.get("metrics") or {}), summary.get("checkpoint")
     import ray

@@ -41,31 +41,19 @@ from pipeline.inference import predict, to_coco_results
 from .config import TrainConfig
 from .loop import LOSS_KEYS, HookBase, NonFiniteLossError, Trainer
 from .session import Session
-from .store import Store
+from .store import known_mlflow_run, remember_mlflow_run
 
 __all__ = ["ASSIGN_KEYS", "WorkerTracker", "FaultInjection", "NonFiniteGuard", "MetricsLogger", "PeriodicEval",
-           "CheckpointReport", "FinalArtifacts", "check_nonfinite_marker", "summary", "known_mlflow_run",
-           "remember_mlflow_run"]
+           "CheckpointReport", "FinalArtifacts", "check_nonfinite_marker", "summary"]
 
 ASSIGN_KEYS = ("num_gt", "num_pos", "pos_per_gt", "gt_without_pos",
                "pos_level_0", "pos_level_1", "pos_level_2", "pos_level_3", "pos_level_4")
 NONFINITE_MARKER = "atss/nonfinite.json"
-MLFLOW_MARKER = "atss/mlflow_run.json"  # the run directory remembers its MLflow run (same store only)
 
 
 # ----------------------------------------------------------------------------------------------
 # MLflow from rank 0
 # ----------------------------------------------------------------------------------------------
-def known_mlflow_run(store: Store, uri: str) -> Optional[str]:
-    """The MLflow run this run directory logged to before, if it was in the same store ``uri``."""
-    known = store.read_json(MLFLOW_MARKER)
-    return known.get("run_id") if known and known.get("tracking_uri") == uri else None
-
-
-def remember_mlflow_run(store: Store, uri: str, run_id: str) -> None:
-    store.write_json(MLFLOW_MARKER, {"tracking_uri": uri, "run_id": run_id})
-
-
 class WorkerTracker:
     """MLflow logging of rank 0 inside the run's lifecycle (a no-op on other ranks and without MLflow).
 

@@ -17,7 +17,9 @@ from typing import Any, Optional
 
 import pyarrow.fs
 
-__all__ = ["Store", "Entry"]
+__all__ = ["Store", "Entry", "known_mlflow_run", "remember_mlflow_run"]
+
+MLFLOW_MARKER = "atss/mlflow_run.json"  # the run directory remembers its MLflow run (same store only)
 
 
 @dataclass(frozen=True)
@@ -127,3 +129,13 @@ class Store:
         if self.is_local and src.resolve() == Path(self.path(name)).resolve():
             return self.location(name)
         return self.write_bytes(name, src.read_bytes())
+
+
+def known_mlflow_run(store: Store, uri: str) -> Optional[str]:
+    """The MLflow run this run directory logged to before, if it was in the same store ``uri``."""
+    known = store.read_json(MLFLOW_MARKER)
+    return known.get("run_id") if known and known.get("tracking_uri") == uri else None
+
+
+def remember_mlflow_run(store: Store, uri: str, run_id: str) -> None:
+    store.write_json(MLFLOW_MARKER, {"tracking_uri": uri, "run_id": run_id})
