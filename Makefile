@@ -28,6 +28,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/eval.py
 	$(BIN)/python bench/annotation_index.py
 	$(BIN)/python bench/input_pipeline.py
+	$(BIN)/python bench/footprint.py
+	$(BIN)/python bench/allocator.py
 
 clean:
 	rm -rf $(VENV) mlruns mlflow.db ray_results .pytest_cache

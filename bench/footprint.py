@@ -16,8 +16,11 @@ children), e.g. for a ``ray job submit`` to a cluster started elsewhere.
   function trainables), ``ray::TrainController``, ``ray::IDLE`` ...); a worker is counted under the
   last title it had that names an actor or task. A process that ends is read once more as a zombie before it is reaped where this script
   is its reaper (the subreaper case); otherwise up to one interval of its CPU time is lost.
+* **Allocator:** the ``malloc`` a process runs on (``jemalloc``, ``tcmalloc`` or ``mimalloc`` when
+  one is mapped, e.g. through ``LD_PRELOAD``, else ``glibc``), read from ``/proc/<pid>/maps``.
 * **Share of CPU in the training workers:** CPU of the titles matching ``--worker-title``
-  (default ``RayTrainWorker``) over all CPU of the run.
+  (default ``RayTrainWorker|ImplicitFunc``: Ray Train's workers and Tune's function trainables, where
+  a sweep's 1-worker trials train) over all CPU of the run.
 
 The measured command runs under this script; its own output passes through. Figures only mean
 something for the same command on the same machine: compare a before and an after run.
@@ -59,6 +62,7 @@ class Proc:
     cpu_ticks_last: int = 0
     pss_kb_peak: int = 0
     alive: bool = True
+    allocator: str = ""  # "" until read
 
     @property
     def cpu_s(self) -> float:
@@ -105,6 +109,18 @@ def read_pss_kb(pid: int) -> int:
     except (OSError, ValueError):
         pass
     return 0
+
+
+ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+
+
+def read_allocator(pid: int) -> str:
+    """``jemalloc`` / ``tcmalloc`` / ``mimalloc`` when the process maps one, else ``glibc``; ``""`` if unreadable."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return ""
+    return next((name for name in ALLOCATORS if f"lib{name}" in maps), "glibc")
 
 
 def title_of(cmdline: str) -> str:
@@ -196,9 +212,13 @@ class Sampler:
                 # "?": the command line was unreadable (the process is exiting): keep what we had
                 if not proc.title or (title != "?" and (proc.title in PLACEHOLDER_TITLES
                                                          or title not in PLACEHOLDER_TITLES)):
+                    if title != proc.title:
+                        proc.allocator = ""  # an exec may have brought another program (and allocator)
                     proc.title = title
             if state == "Z":  # a zombie keeps its CPU times but no memory
                 continue
+            if not proc.allocator:
+                proc.allocator = read_allocator(pid)
             kb = read_pss_kb(pid)
             proc.pss_kb_peak = max(proc.pss_kb_peak, kb)
             total_kb += kb
@@ -223,11 +243,15 @@ def boot_ticks_now() -> int:
 def summarise(fp: Footprint, worker_title: str, wall_s: float, returncode: int, command: list[str]) -> dict:
     groups: dict[str, dict] = {}
     for proc in fp.procs.values():
-        g = groups.setdefault(proc.title or "?", {"title": proc.title or "?", "processes": 0, "cpu_s": 0.0})
+        g = groups.setdefault(proc.title or "?", {"title": proc.title or "?", "processes": 0, "cpu_s": 0.0,
+                                                  "allocators": set()})
         g["processes"] += 1
         g["cpu_s"] += proc.cpu_s
+        if proc.allocator:
+            g["allocators"].add(proc.allocator)
     for name, g in groups.items():
         g["pss_peak_gb"] = fp.title_pss_peak_kb.get(name, 0) / 2**20
+        g["allocator"] = ", ".join(sorted(g.pop("allocators"))) or "?"
     rows = sorted(groups.values(), key=lambda g: -g["cpu_s"])
     total_cpu = sum(g["cpu_s"] for g in rows)
     pattern = re.compile(worker_title)
@@ -245,11 +269,12 @@ def format_report(s: dict) -> str:
              f"peak PSS: {s['pss_peak_gb']:.2f} GB (at {s['pss_peak_at_s']:.0f} s); CPU: {s['cpu_s']:.0f} s, "
              f"of which {100 * s['worker_cpu_share']:.0f}% in training workers ({s['worker_cpu_s']:.0f} s, "
              f"titles matching {s['worker_title']!r})", "",
-             "| process title | processes | CPU s | CPU share | peak PSS GB |", "|---|---|---|---|---|"]
+             "| process title | processes | CPU s | CPU share | peak PSS GB | allocator |",
+             "|---|---|---|---|---|---|"]
     for g in s["by_title"]:
         share = g["cpu_s"] / s["cpu_s"] if s["cpu_s"] else 0.0
         lines.append(f"| {g['title']} | {g['processes']} | {g['cpu_s']:.1f} | {100 * share:.1f}% | "
-                     f"{g['pss_peak_gb']:.2f} |")
+                     f"{g['pss_peak_gb']:.2f} | {g.get('allocator', '?')} |")
     return "\n".join(lines)
 
 
@@ -315,8 +340,9 @@ def parse_args(argv=None):
     p.add_argument("--interval", type=float, default=1.0, help="seconds between samples (default 1)")
     p.add_argument("--session", help="also every process whose command line contains this text (a Ray "
                                      "session name or directory), and its children")
-    p.add_argument("--worker-title", default="RayTrainWorker",
-                   help="regular expression of the training workers' process titles (default RayTrainWorker)")
+    p.add_argument("--worker-title", default="RayTrainWorker|ImplicitFunc",
+                   help="regular expression of the training processes' titles (default: Ray Train's workers "
+                        "and Tune's function trainables, where the sweep's 1-worker trials train)")
     p.add_argument("--json", metavar="PATH", help="write all figures (per title, PSS time series) as JSON here; "
                                                   "rewritten every minute while the command runs (\"partial\": true)")
     p.add_argument("command", nargs=argparse.REMAINDER,

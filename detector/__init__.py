@@ -2,14 +2,14 @@
 
 The configuration (:mod:`.config`, :mod:`.fields`) is plain Python; the model and the assigners
 load torch, about 0.5 GB in every process that imports it. A sweep's driver plans its trials from
-the configuration alone, so the torch-backed names below load on first use (PEP 562).
+the configuration alone, so the torch-backed names below load on first use (:mod:`.lazy`).
 """
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
 from .config import PRESETS, DetectorConfig, get_preset
+from .lazy import lazy_exports
 
 if TYPE_CHECKING:
     from . import assigners
@@ -25,11 +25,4 @@ TORCH_NAMES = {
 
 __all__ = ["DetectorConfig", "PRESETS", "get_preset", *TORCH_NAMES]
 
-
-def __getattr__(name: str):
-    if name not in TORCH_NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module = importlib.import_module(f".{TORCH_NAMES[name]}", __name__)
-    value = module if name == TORCH_NAMES[name] else getattr(module, name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, TORCH_NAMES)

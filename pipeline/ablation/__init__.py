@@ -4,7 +4,9 @@
 * :mod:`.space`: the search-space language (``--space``, ``--values``, field coercion).
 * :mod:`.plan`: planning: a :class:`SweepPlan` of fully resolved :class:`TrialConfig` (built once).
 * :mod:`.report`: the results frame, the Markdown table, the plot, seed summaries.
-* :mod:`.sweep`: running a plan on Ray Tune (Ray and MLflow live only there; import it explicitly).
+* :mod:`.sweep`: running a plan on Ray Tune (Ray and MLflow live only there; import it explicitly);
+  torch-free, like everything the driver imports.
+* :mod:`.trial`: what a trial runs in its own process (the training; loads torch).
 """
 from .plan import (DEFAULT_EXPERIMENT, SweepConfig, SweepPlan, TrialConfig, describe, plan_space, plan_table,
                    trial_device)

@@ -9,8 +9,9 @@ only checks and plans data stays torch-free (``detector/__init__.py``).
 """
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from detector.lazy import lazy_exports
 
 from .annotations import AnnotationError, AnnotationTable, load_coco_json
 from .categories import CategoryMap
@@ -39,10 +40,4 @@ TORCH_NAMES = {
 __all__ = ["AnnotationError", "AnnotationTable", "load_coco_json", "CategoryMap", "DataConfig", "build_index",
            "read_index", "write_index", "SPLITS", "resolve_split", "synthetic_spec", *TORCH_NAMES]
 
-
-def __getattr__(name: str):
-    if name not in TORCH_NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{TORCH_NAMES[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, TORCH_NAMES)

@@ -14,8 +14,9 @@ torch on first use (PEP 562), so a sweep's driver plans and watches trials witho
 """
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from detector.lazy import lazy_exports
 
 from .config import SETTINGS, TrainConfig, build_train_config, check_settings, is_tiny, read_categories
 from .driver import (TrainResult, build_trainer, check_data_paths, check_workers, connect_ray, run_training,
@@ -33,10 +34,4 @@ __all__ = ["TrainConfig", "build_train_config", "check_settings", "is_tiny", "re
            "TrainResult", "build_trainer", "check_data_paths", "check_workers", "connect_ray", "run_training",
            "tracked_training", "worker_error", "Store", *TORCH_NAMES]
 
-
-def __getattr__(name: str):
-    if name not in TORCH_NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{TORCH_NAMES[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, TORCH_NAMES)
