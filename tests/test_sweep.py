@@ -161,6 +161,9 @@ def test_progress_results_lead_with_the_table_columns():
     assert evaluated["AP"] == 0.25 and evaluated["AP50"] == 0.5 and evaluated["eta_s"] >= 0
     later = progress.result({"iteration": 6, "loss": 1.0, "images_per_s": 3.0})
     assert later["AP"] == 0.25  # the latest known AP stays in the column
+    # a 1-worker trial knows its batch: an ETA from the first report, at the loop's own rate
+    one_worker = TuneProgress(max_iter=10, batch_size=6).result({"iteration": 4, "loss": 2.0, "images_per_s": 3.0})
+    assert one_worker["eta_s"] == (10 - 4) * 6 / 3.0
 
 
 def test_short_swept_keys_hold_the_trained_values(tmp_path):

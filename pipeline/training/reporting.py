@@ -63,14 +63,15 @@ class TuneProgress:
     """Turns the loop's reports into Tune results whose first keys are the columns of Tune's
     progress table: ``iteration`` (the training's; Tune's own ``iter`` counts reports),
     ``images_per_s``, ``AP`` (the latest evaluation's, None before the first) and ``eta_s`` (this
-    trial's remaining training time at its rate so far); the loss goes in as ``mean_loss``, which
-    Tune shows as ``loss``. Tune picks its first four numeric keys for the table once, from the
+    trial's remaining training time at its rate so far; at the first report, when ``batch_size``
+    is given, at the loop's own ``images_per_s``); the loss goes in as ``mean_loss``, which Tune
+    shows as ``loss``. Tune picks its first four numeric keys for the table once, from the
     first results, so every result has them from the first on."""
 
     COLUMNS = ("iteration", "images_per_s", "AP", "eta_s", "mean_loss")
 
-    def __init__(self, max_iter: int):
-        self.max_iter = max_iter
+    def __init__(self, max_iter: int, batch_size: Optional[int] = None):
+        self.max_iter, self.batch_size = max_iter, batch_size
         self.ap: Optional[float] = None
         self.start: Optional[tuple[float, int]] = None
 
@@ -82,8 +83,13 @@ class TuneProgress:
         t0, it0 = self.start
         if metrics.get("AP") is not None:
             self.ap = metrics["AP"]
-        out = {"iteration": it, "images_per_s": metrics.get("images_per_s"), "AP": self.ap,
-               "eta_s": (now - t0) / (it - it0) * (self.max_iter - it) if it > it0 else None,
-               "mean_loss": metrics.get("loss")}
+        rate = metrics.get("images_per_s")
+        if it > it0:
+            eta = (now - t0) / (it - it0) * (self.max_iter - it)
+        elif self.batch_size and rate:
+            eta = (self.max_iter - it) * self.batch_size / rate  # the images this trial has left
+        else:
+            eta = None
+        out = {"iteration": it, "images_per_s": rate, "AP": self.ap, "eta_s": eta, "mean_loss": metrics.get("loss")}
         out.update((k, v) for k, v in metrics.items() if k not in out and k != "loss")
         return out

@@ -140,7 +140,7 @@ class TuneSession(Session):
 
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
-        self.progress = TuneProgress(cfg.max_iter)
+        self.progress = TuneProgress(cfg.max_iter, cfg.batch_size)  # one worker: its images are the batch
         self.checkpoint_path: Optional[str] = None
         self.metrics_of_checkpoint: dict = {}
 
