@@ -364,7 +364,6 @@ def _pyplot():
     return plt
 
 
-
 def save_figure(fig, path: str | os.PathLike) -> Path:
     """Lay out, write (parents created) and close a matplotlib figure; returns the path."""
     fig.tight_layout()

@@ -214,12 +214,13 @@ class SweepReporter(TuneTerminalReporter):
     whole trial config, about 120 lines, and the whole last result)."""
 
     def __init__(self, plan: SweepPlan, concurrency: Optional[int]):
-        super().__init__(AirVerbosity.DEFAULT, num_samples=len(plan.trials), config=param_space(plan))
-        self.plan, self.concurrency = plan, concurrency
+        space = param_space(plan)
+        super().__init__(AirVerbosity.DEFAULT, num_samples=len(plan.trials), config=space)
+        self.swept_keys, self.concurrency = list(space), concurrency
         self.eta_printed = float("-inf")
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        swept = ", ".join(f"{k}={trial.config[k]}" for k in param_space(self.plan))
+        swept = ", ".join(f"{k}={trial.config[k]}" for k in self.swept_keys)
         print(f"Trial {trial} started: {trial.config.get('label')}" + (f" ({swept})" if swept else ""), flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -354,11 +355,17 @@ def run_sweep(plan: SweepPlan, say=print) -> SweepResult:
 def trial_environments(cfg: SweepConfig, parent_run_id: str) -> dict[str, Environment]:
     """Trial name -> the environment its training recorded in its child run (``env.json`` tag;
     trials that failed before training have none)."""
+    return {r.data.tags["ablation.trial"]: Environment.from_tags(r.data.tags)
+            for r in child_runs(cfg, parent_run_id) if "ablation.trial" in r.data.tags and "env.json" in r.data.tags}
+
+
+def child_runs(cfg: SweepConfig, parent_run_id: str, where: str = "") -> list:
+    """The MLflow runs of the sweep's trials (children of ``parent_run_id``), ``where`` further
+    filtering them (MLflow's search syntax, e.g. ``attributes.status = 'RUNNING'``)."""
     client = MlflowClient(cfg.mlflow_uri)
     exp = client.get_experiment_by_name(cfg.experiment)
-    runs = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
-    return {r.data.tags["ablation.trial"]: Environment.from_tags(r.data.tags) for r in runs
-            if "ablation.trial" in r.data.tags and "env.json" in r.data.tags}
+    query = f"tags.mlflow.parentRunId = '{parent_run_id}'" + (f" and {where}" if where else "")
+    return client.search_runs([exp.experiment_id], query)
 
 
 def record_environment(client, run_id: str, environments: Mapping[str, Environment], uri: str) -> None:
@@ -544,10 +551,7 @@ def _collect(grid, plan: SweepPlan, statuses: Mapping[str, str]) -> dict[int, di
 def _close_children(cfg: SweepConfig, parent_run_id: str) -> None:
     """Child runs left RUNNING (a trial stopped by ASHA is killed mid-run) end KILLED."""
     client = MlflowClient(cfg.mlflow_uri)
-    exp = client.get_experiment_by_name(cfg.experiment)
-    runs = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' "
-                                                   "and attributes.status = 'RUNNING'")
-    for run in runs:
+    for run in child_runs(cfg, parent_run_id, "attributes.status = 'RUNNING'"):
         client.set_tag(run.info.run_id, "ablation.stopped", "early stop by the Tune scheduler or sweep end")
         client.set_terminated(run.info.run_id, "KILLED")
 

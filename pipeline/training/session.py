@@ -28,6 +28,7 @@ from .store import Store
 
 __all__ = ["Session", "RaySession", "TuneSession", "LocalSession"]
 
+
 def _write_checkpoint_dir(directory: Path, state: dict, files: Optional[dict]) -> None:
     ckpt_lib.save_state(state, directory)
     for name, src in (files or {}).items():
